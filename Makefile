@@ -1,0 +1,27 @@
+# Two set-up commands (see README): `make main` runs the main job, `make test` runs the tests.
+# Both create .venv on first use; torch is installed first as the local CPU build so that the
+# project's `torch>=...` requirement never pulls a multi-GB CUDA wheel.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: main test lint install
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+main: $(STAMP)
+	$(PY) bench/kv_memory.py --json out/kv_memory.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pagedserve tests bench

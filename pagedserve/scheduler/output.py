@@ -1,0 +1,64 @@
+"""What one scheduler step hands to the workers: plain data, no tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """Sent the first time a worker sees a request (or after it was preempted)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request_id: str
+    token_ids: list[int]
+    """Tokens whose KV is computed this step."""
+    start_position: int
+    """Position of token_ids[0] (= tokens already computed)."""
+    table_start: int
+    """The worker's block table for this request becomes table[:table_start] + table_blocks."""
+    table_blocks: list[int]
+    slot_mapping: list[int]
+    """KV cache slot (block id * block size + offset) of each token in token_ids."""
+    sample: bool
+    """Whether this step's last token yields a sampled token (the request caught up)."""
+    new_request: NewRequestData | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """Context length after this step, this step's tokens included."""
+        return self.start_position + len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: requests to run plus block moves to do first (swap out, swap in, copy)."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    """(GPU block, CPU block) pairs; run before anything else this step."""
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    """(CPU block, GPU block) pairs."""
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) GPU block pairs for copy-on-write; run before this step's KV writes."""
+    forgotten_request_ids: list[str] = field(default_factory=list)
+    """Requests the workers should drop (finished, aborted or preempted since the last step)."""
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled

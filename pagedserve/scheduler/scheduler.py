@@ -1,0 +1,351 @@
+"""Iteration-level (continuous batching) scheduler over the paged KV cache.
+
+Each request's `num_computed_tokens` catches up with its `num_tokens` (prompt + output); a step
+gives every request part of the gap under one token budget. Chunked prefill, prefix-cache hits
+(which advance num_computed_tokens for free) and recompute after preemption (which resets it) are
+therefore one mechanism. Running requests are served first, then swapped ones, then waiting ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+
+from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
+from pagedserve.scheduler.kv_cache_manager import KVCacheManager, TableUpdate
+from pagedserve.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
+from pagedserve.scheduler.policies import (
+    DEFAULT_VICTIM_POLICIES,
+    WAITING_QUEUES,
+    AdmissionPolicy,
+    VictimPolicy,
+    admit_if_whole_prompt_fits,
+)
+from pagedserve.scheduler.request import FinishReason, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+def child_request_id(parent_id: str, index: int) -> str:
+    """Id of the index-th sequence of a request with n > 1."""
+    return f"{parent_id}/{index}"
+
+
+class Scheduler:
+    """Owns requests, the KV cache manager and the step loop's bookkeeping (no tensors)."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 victim_policy: VictimPolicy | None = None,
+                 admission_policy: AdmissionPolicy = admit_if_whole_prompt_fits) -> None:
+        self.config = scheduler_config
+        self.cache_config = cache_config
+        if scheduler_config.preemption_mode == "swap" and cache_config.num_cpu_blocks == 0:
+            raise ValueError("SchedulerConfig.preemption_mode='swap' needs "
+                             "CacheConfig.num_cpu_blocks >= 1; set it or use 'recompute'")
+        self.kv = KVCacheManager(cache_config.block_size, cache_config.num_gpu_blocks,
+                                 cache_config.num_cpu_blocks, cache_config.enable_prefix_caching)
+        self.victim_policy = victim_policy or DEFAULT_VICTIM_POLICIES[scheduler_config.policy]
+        self.admission_policy = admission_policy
+        self.watermark_blocks = int(scheduler_config.watermark * cache_config.num_gpu_blocks)
+        self.requests: dict[str, Request] = {}
+        self.waiting = WAITING_QUEUES[scheduler_config.policy]()
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self.children: dict[str, list[str]] = {}
+        """Parent id -> ids of its sequences, for requests with n > 1."""
+        self._fork_pending: set[str] = set()
+        self._known_to_workers: set[str] = set()
+        self._forgotten: list[str] = []
+        self.num_preemptions = 0
+
+    # ---- requests in and out ------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; one with n > 1 is split into n sequences after its shared prefill."""
+        if request.request_id in self.requests or request.request_id in self.children:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        max_len = self.config.max_model_len
+        if request.num_prompt_tokens >= max_len:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens; it must be shorter "
+                             f"than max_model_len ({max_len}) to leave room for output")
+        if request.num_prompt_tokens > self.kv.block_size * self.cache_config.num_gpu_blocks:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens, more than the whole "
+                             f"KV cache holds; raise num_gpu_blocks or shorten the prompt")
+        self.requests[request.request_id] = request
+        if request.sampling_params.n > 1:
+            self.children[request.request_id] = []
+            self._fork_pending.add(request.request_id)
+            if request.num_prompt_tokens == 1:
+                self._fork(request)
+                return
+        self.waiting.push(request)
+
+    def abort_request(self, request_id: str) -> None:
+        """Finish a request in any state (and all its sequences); its blocks return at once."""
+        ids = [request_id, *self.children.pop(request_id, ())]
+        self._fork_pending.discard(request_id)
+        for rid in ids:
+            request = self.requests.get(rid)
+            if request is not None:
+                self._remove_from_queues(request)
+                self._finish(request, FinishReason.ABORT)
+
+    def finish_request(self, request_id: str, reason: FinishReason,
+                       stop_reason: int | str | None = None) -> None:
+        """End one sequence for a reason found outside the scheduler (e.g. a stop string)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        self._remove_from_queues(request)
+        request.stop_reason = stop_reason
+        self._finish(request, reason)
+
+    def _remove_from_queues(self, request: Request) -> None:
+        status = request.status
+        if status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif status is RequestStatus.SWAPPED:
+            self.swapped.remove(request)
+        elif status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.kv.free(request.request_id)
+        del self.requests[request.request_id]
+        self._forget(request.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        if request_id in self._known_to_workers:
+            self._known_to_workers.discard(request_id)
+            self._forgotten.append(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def _target_tokens(self, request: Request) -> int:
+        """Tokens whose KV must exist before the next sample (a fork parent stops one short)."""
+        if request.request_id in self._fork_pending:
+            return request.num_prompt_tokens - 1
+        return request.num_tokens
+
+    def _chunk(self, request: Request, num_new: int, budget: int) -> int:
+        threshold = self.config.long_prefill_token_threshold
+        if threshold and num_new > 1:
+            num_new = min(num_new, threshold)
+        return min(num_new, budget)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens, allocate their slots, and describe the step as plain data."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        preempted_now = False
+        scheduled_running: list[Request] = []
+
+        index = 0
+        while (index < len(self.running) and budget > 0
+               and len(out.scheduled) < self.config.max_num_seqs):
+            request = self.running[index]
+            num_new = self._chunk(request, self._target_tokens(request)
+                                  - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            update = self.kv.allocate_slots(request, num_new)
+            while update is None:
+                victim = self.victim_policy(self.running[index:])
+                self._preempt(victim, out)
+                preempted_now = True
+                if victim is request:
+                    break
+                update = self.kv.allocate_slots(request, num_new)
+            if update is None:
+                continue
+            self._emit(request, num_new, update, out)
+            budget -= num_new
+            scheduled_running.append(request)
+            index += 1
+
+        if not preempted_now:
+            budget = self._resume_swapped(out, budget)
+        if not preempted_now and not self.swapped:
+            self._admit_waiting(out, budget)
+        out.forgotten_request_ids = self._forgotten
+        self._forgotten = []
+        return out
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        if self.kv.num_blocks_for(request.num_tokens) > self.cache_config.num_gpu_blocks:
+            logger.warning("request %s outgrew the whole KV cache (%d tokens); finishing it",
+                           request.request_id, request.num_tokens)
+            self._finish(request, FinishReason.LENGTH)
+            return
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._forget(request.request_id)
+        swap = self.config.preemption_mode == "swap" and self.kv.can_swap_out(request.request_id)
+        if swap:
+            out.blocks_to_swap_out.extend(self.kv.swap_out(request.request_id))
+            request.status = RequestStatus.SWAPPED
+            self.swapped.append(request)
+        else:
+            self.kv.free(request.request_id)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            self.waiting.push_front(request)
+        logger.debug("preempted %s by %s", request.request_id, "swap" if swap else "recompute")
+
+    def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.swapped[0]
+            num_new = self._chunk(request, self._target_tokens(request)
+                                  - request.num_computed_tokens, budget)
+            needed = self.kv.num_blocks_for(request.num_computed_tokens + num_new)
+            if needed + self.watermark_blocks > self.kv.num_free_blocks:
+                break
+            out.blocks_to_swap_in.extend(self.kv.swap_in(request.request_id))
+            self.swapped.popleft()
+            update = self.kv.allocate_slots(request, num_new)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if num_new > 0:
+                self._emit(request, num_new, update, out)
+                budget -= num_new
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        block_size = self.kv.block_size
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            cached = []
+            if request.num_computed_tokens == 0 and request.request_id not in self.kv.block_tables:
+                cached = self.kv.find_cached_prefix(request)
+            target = self._target_tokens(request)
+            cached = cached[:max(target, 0) // block_size]
+            remaining = target - request.num_computed_tokens - len(cached) * block_size
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            blocks_for_prompt = self.kv.blocks_needed(request, remaining, cached)
+            if not self.admission_policy(blocks_for_prompt, self.kv.num_free_blocks,
+                                         self.watermark_blocks):
+                break
+            num_new = self._chunk(request, remaining, budget)
+            update = self.kv.allocate_slots(request, num_new, cached,
+                                            reserve=self.watermark_blocks)
+            if update is None:
+                break
+            self.waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = len(cached) * block_size
+            request.num_computed_tokens += len(cached) * block_size
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if num_new > 0:
+                self._emit(request, num_new, update, out)
+                budget -= num_new
+            elif request.request_id in self._fork_pending:
+                self._fork(request)
+
+    def _emit(self, request: Request, num_new: int, update: TableUpdate,
+              out: SchedulerOutput) -> None:
+        """Record the request's share of the step and advance its computed-token count."""
+        request_id = request.request_id
+        start = request.num_computed_tokens
+        new_data = None
+        if request_id not in self._known_to_workers:
+            self._known_to_workers.add(request_id)
+            table = self.kv.block_tables[request_id]
+            update = TableUpdate(0, list(table), update.copies)
+            new_data = NewRequestData(list(request.prompt_token_ids),
+                                      list(request.output_token_ids), request.sampling_params)
+        table = self.kv.block_tables[request_id]
+        size = self.kv.block_size
+        if num_new == 1:
+            slots = [table[start // size] * size + start % size]
+        else:
+            slots = [table[p // size] * size + p % size for p in range(start, start + num_new)]
+        request.num_computed_tokens = start + num_new
+        out.scheduled.append(ScheduledRequest(
+            request_id=request_id,
+            token_ids=request.token_ids(start, start + num_new),
+            start_position=start,
+            table_start=update.start,
+            table_blocks=update.block_ids,
+            slot_mapping=slots,
+            sample=request.num_computed_tokens == request.num_tokens,
+            new_request=new_data,
+        ))
+        out.blocks_to_copy.extend(update.copies)
+        out.num_batched_tokens += num_new
+
+    # ---- after the model ran --------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Append sampled tokens, index newly full blocks, apply stop conditions.
+
+        Returns the requests that received a token this step (finished ones included, with
+        status FINISHED); requests aborted since `schedule()` are skipped.
+        """
+        emitted = []
+        finished = False
+        for item in out.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            self.kv.cache_computed_blocks(request)
+            if item.sample:
+                request.append_token(sampled[item.request_id])
+                emitted.append(request)
+                if request.check_stop(self.config.max_model_len):
+                    request.status = RequestStatus.FINISHED
+                    self.kv.free(request.request_id)
+                    del self.requests[request.request_id]
+                    self._forget(request.request_id)
+                    finished = True
+            elif (request.request_id in self._fork_pending
+                  and request.num_computed_tokens == request.num_prompt_tokens - 1):
+                self._fork(request)
+        if finished:
+            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        return emitted
+
+    def _fork(self, parent: Request) -> None:
+        """Split a request with n > 1 into n sequences sharing every block of its prefix."""
+        parent_id = parent.request_id
+        self._fork_pending.discard(parent_id)
+        params = parent.sampling_params
+        if parent.status is RequestStatus.RUNNING:
+            self.running.remove(parent)
+        for index in range(params.n):
+            child_params = dataclasses.replace(
+                params, n=1, seed=None if params.seed is None else params.seed + index)
+            child = Request(
+                request_id=child_request_id(parent_id, index),
+                prompt_token_ids=parent.prompt_token_ids,
+                sampling_params=child_params,
+                eos_token_id=parent.eos_token_id,
+                arrival_time=parent.arrival_time,
+                priority=parent.priority,
+                cache_salt=parent.cache_salt,
+                num_computed_tokens=parent.num_computed_tokens,
+                num_cached_tokens=parent.num_cached_tokens,
+                block_hashes=list(parent.block_hashes),
+                parent_id=parent_id,
+                status=RequestStatus.RUNNING,
+            )
+            self.kv.fork(parent_id, child.request_id)
+            self.requests[child.request_id] = child
+            self.children[parent_id].append(child.request_id)
+            self.running.append(child)
+        self.kv.free(parent_id)
+        del self.requests[parent_id]
+        self._forget(parent_id)
