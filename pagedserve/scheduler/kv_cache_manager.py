@@ -64,9 +64,10 @@ class KVCacheManager:
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks matching the request's leading full blocks, never covering its last token.
 
-        The last token is always recomputed because its logits are needed to sample.
+        The last token is always recomputed because its logits are needed to sample. Requests
+        asking for prompt logprobs get no hits: those need logits at every prompt position.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, max_blocks * self.block_size)

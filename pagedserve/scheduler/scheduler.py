@@ -318,34 +318,63 @@ class Scheduler:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         return emitted
 
+    def fork_sequence(self, parent_id: str, child_id: str,
+                      output_token_ids: list[int] | None = None,
+                      sampling_params=None) -> Request:
+        """A new running sequence sharing every KV block of a running parent (beam search).
+
+        The child's tokens are the parent's prompt plus `output_token_ids` (default: the
+        parent's outputs); they must agree with the parent on every token already computed.
+        A shared partial last block is copied on the child's first write (copy-on-write).
+        """
+        parent = self.requests[parent_id]
+        if parent.status is not RequestStatus.RUNNING:
+            raise ValueError(f"can only fork a running sequence; {parent_id!r} is "
+                             f"{parent.status.value}")
+        if child_id in self.requests:
+            raise ValueError(f"request id {child_id!r} is already in use")
+        outputs = list(parent.output_token_ids if output_token_ids is None else output_token_ids)
+        child = Request(
+            request_id=child_id,
+            prompt_token_ids=parent.prompt_token_ids,
+            sampling_params=sampling_params or parent.sampling_params,
+            eos_token_id=parent.eos_token_id,
+            arrival_time=parent.arrival_time,
+            priority=parent.priority,
+            cache_salt=parent.cache_salt,
+            output_token_ids=outputs,
+            num_computed_tokens=parent.num_computed_tokens,
+            num_cached_tokens=parent.num_cached_tokens,
+            parent_id=parent.parent_id or parent_id,
+            status=RequestStatus.RUNNING,
+        )
+        computed = parent.num_computed_tokens
+        if child.token_ids(0, computed) != parent.token_ids(0, computed) or (
+            child.num_tokens <= computed
+        ):
+            raise ValueError(f"fork of {parent_id!r}: the child's tokens must extend the "
+                             f"parent's {computed} computed tokens")
+        child.block_hashes = list(parent.block_hashes[:computed // self.kv.block_size])
+        self.kv.fork(parent_id, child_id)
+        self.requests[child_id] = child
+        self.running.append(child)
+        return child
+
     def _fork(self, parent: Request) -> None:
         """Split a request with n > 1 into n sequences sharing every block of its prefix."""
         parent_id = parent.request_id
         self._fork_pending.discard(parent_id)
         params = parent.sampling_params
-        if parent.status is RequestStatus.RUNNING:
-            self.running.remove(parent)
+        if parent.status is not RequestStatus.RUNNING:
+            parent.status = RequestStatus.RUNNING
+            self.running.append(parent)
         for index in range(params.n):
             child_params = dataclasses.replace(
                 params, n=1, seed=None if params.seed is None else params.seed + index)
-            child = Request(
-                request_id=child_request_id(parent_id, index),
-                prompt_token_ids=parent.prompt_token_ids,
-                sampling_params=child_params,
-                eos_token_id=parent.eos_token_id,
-                arrival_time=parent.arrival_time,
-                priority=parent.priority,
-                cache_salt=parent.cache_salt,
-                num_computed_tokens=parent.num_computed_tokens,
-                num_cached_tokens=parent.num_cached_tokens,
-                block_hashes=list(parent.block_hashes),
-                parent_id=parent_id,
-                status=RequestStatus.RUNNING,
-            )
-            self.kv.fork(parent_id, child.request_id)
-            self.requests[child.request_id] = child
-            self.children[parent_id].append(child.request_id)
-            self.running.append(child)
+            child_id = child_request_id(parent_id, index)
+            self.fork_sequence(parent_id, child_id, [], child_params)
+            self.children[parent_id].append(child_id)
+        self.running.remove(parent)
         self.kv.free(parent_id)
         del self.requests[parent_id]
         self._forget(parent_id)
