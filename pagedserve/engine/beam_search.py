@@ -1,0 +1,118 @@
+"""Beam search over the engine's scheduler: beams are forked sequences sharing KV blocks.
+
+Each step every live beam yields its top 2 x width next tokens (logprobs of the raw model
+distribution); the best `width` extensions survive. A survivor is a fork of its parent beam
+(all blocks shared; the partial last block is copied on first write), and parents are then
+released, so memory grows with the number of distinct suffixes, not with width x length.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
+from pagedserve.scheduler.request import Request
+
+
+@dataclass
+class BeamSequence:
+    """One finished or surviving beam."""
+
+    token_ids: list[int]
+    cumulative_logprob: float
+    text: str = ""
+    score: float = 0.0
+    """cumulative_logprob / len(token_ids) ** length_penalty; beams are ranked by it."""
+
+
+@dataclass
+class BeamSearchOutput:
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]
+    """Best first; at most beam_width."""
+
+
+@dataclass
+class _Beam:
+    sequence_id: str
+    token_ids: list[int]
+    logprob: float
+
+
+@dataclass
+class _Group:
+    prompt_token_ids: list[int]
+    active: list[_Beam]
+    done: list[BeamSequence] = field(default_factory=list)
+
+
+def _score(token_ids: list[int], logprob: float, length_penalty: float) -> float:
+    return logprob / max(len(token_ids), 1) ** length_penalty
+
+
+def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchParams,
+                    id_prefix: str) -> list[BeamSearchOutput]:
+    """Beam search for every prompt at once on `engine` (an LLMEngine)."""
+    scheduler = engine.scheduler
+    width = params.beam_width
+    eos_ids = set() if params.ignore_eos else set(engine.eos_token_ids)
+    step_params = SamplingParams(temperature=0.0, logprobs=min(2 * width, 20),
+                                 max_tokens=params.max_tokens + 1, ignore_eos=True)
+    counter = itertools.count()
+    groups = []
+    for prompt in prompts:
+        token_ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        sequence_id = f"{id_prefix}-{next(counter)}"
+        scheduler.add_request(Request(sequence_id, token_ids, step_params))
+        groups.append(_Group(token_ids, [_Beam(sequence_id, [], 0.0)]))
+    try:
+        while any(group.active for group in groups):
+            pending = {beam.sequence_id for group in groups for beam in group.active}
+            logprobs = {}
+            while pending:
+                engine.step()
+                for sequence_id, entry in engine.last_result.logprobs.items():
+                    if sequence_id in pending:
+                        logprobs[sequence_id] = entry
+                        pending.discard(sequence_id)
+            for group in groups:
+                _advance(group, logprobs, scheduler, width, eos_ids, params, id_prefix, counter)
+    finally:
+        for group in groups:
+            for beam in group.active:
+                scheduler.abort_request(beam.sequence_id)
+    return [_finish(group, width, params.length_penalty, engine.tokenizer) for group in groups]
+
+
+def _advance(group: _Group, logprobs, scheduler, width: int, eos_ids: set[int],
+             params: BeamSearchParams, id_prefix: str, counter) -> None:
+    candidates = []
+    for beam in group.active:
+        for token_id, logprob in logprobs[beam.sequence_id].top[:2 * width]:
+            candidates.append((beam.logprob + logprob, beam, token_id))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    survivors = []
+    for logprob, beam, token_id in candidates:
+        if len(survivors) == width:
+            break
+        token_ids = [*beam.token_ids, token_id]
+        if token_id in eos_ids or len(token_ids) >= params.max_tokens:
+            group.done.append(BeamSequence(token_ids, logprob))
+            continue
+        child_id = f"{id_prefix}-{next(counter)}"
+        scheduler.fork_sequence(beam.sequence_id, child_id, token_ids)
+        survivors.append(_Beam(child_id, token_ids, logprob))
+    for beam in group.active:
+        scheduler.abort_request(beam.sequence_id)
+    group.active = survivors
+
+
+def _finish(group: _Group, width: int, length_penalty: float, tokenizer) -> BeamSearchOutput:
+    sequences = group.done + [BeamSequence(b.token_ids, b.logprob) for b in group.active]
+    for sequence in sequences:
+        sequence.score = _score(sequence.token_ids, sequence.cumulative_logprob, length_penalty)
+        if tokenizer is not None:
+            sequence.text = tokenizer.decode(sequence.token_ids, skip_special_tokens=True)
+    sequences.sort(key=lambda s: s.score, reverse=True)
+    return BeamSearchOutput(group.prompt_token_ids, sequences[:width])

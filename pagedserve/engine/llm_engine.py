@@ -1,0 +1,303 @@
+"""In-process engine: tokenizer, scheduler, model runner and detokenizer around one step loop.
+
+The coordinator actor of the cluster runs this same loop; `pagedserve.LLM` drives it offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.default_model import ensure_default_model
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
+from pagedserve.scheduler.request import FinishReason, Request
+from pagedserve.scheduler.scheduler import Scheduler, child_request_id
+from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
+from pagedserve.workers.loader import load_config, load_model, resolve_dtype
+from pagedserve.workers.model_runner import ModelRunner, StepResult, TokenLogprobs
+from pagedserve.workers.profiling import profile_kv_cache_bytes
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+DEFAULT_CPU_KV_GIB = 0.25
+
+
+@dataclass
+class _Tracked:
+    """Frontend state of one user request (all of its n sequences)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    outputs: list[CompletionOutput]
+    detokenizers: list[IncrementalDetokenizer | None]
+    metrics: RequestMetrics
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    num_finished: int = 0
+    sequence_ids: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[dataclasses.replace(o, token_ids=list(o.token_ids),
+                                         logprobs=None if o.logprobs is None else list(o.logprobs))
+                     for o in self.outputs],
+            finished=self.num_finished == len(self.outputs),
+            prompt_logprobs=self.prompt_logprobs, metrics=dataclasses.replace(self.metrics))
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("EngineConfig.device='cuda' but no CUDA device is visible; use 'cpu'")
+    return torch.device(device)
+
+
+def _eos_token_ids(hf_config: Any, tokenizer: Any) -> list[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, list | tuple) else [] if eos is None else [eos]
+    if tokenizer is not None and tokenizer.eos_token_id is not None \
+            and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    """One model replica on this process: add requests, call step() until done."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.device = _resolve_device(config.device)
+        model_dir = config.model or ensure_default_model()
+        self.hf_config = load_config(model_dir)
+        dtype_name = config.dtype
+        if dtype_name == "auto" and self.device.type == "cpu":
+            dtype_name = "float32"
+        self.dtype = resolve_dtype(dtype_name, self.hf_config)
+        self.tokenizer = self._load_tokenizer(config.tokenizer or model_dir)
+        self.model = load_model(self.hf_config if config.load_format == "dummy" else model_dir,
+                                dtype=self.dtype, device=self.device,
+                                load_format=config.load_format, seed=config.seed)
+        self.model.eval()
+        self.max_model_len = config.max_model_len or min(
+            getattr(self.hf_config, "max_position_embeddings", 8192), 8192)
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer)
+        budget = config.max_num_batched_tokens or max(2048, self.max_model_len)
+        if not config.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=budget, max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            preemption_mode="swap" if config.swap_space_gib > 0 else "recompute",
+            policy=config.scheduling_policy)
+        num_blocks = self._num_gpu_blocks(budget)
+        block_bytes = bytes_per_block(self.hf_config, config.block_size, self.dtype)
+        num_cpu_blocks = int(config.swap_space_gib * GIB) // block_bytes
+        self.kv_caches = allocate_kv_cache_for_config(
+            self.hf_config, num_blocks, config.block_size, self.dtype, self.device)
+        cpu_caches = None
+        if num_cpu_blocks:
+            cpu_caches = allocate_kv_cache_for_config(
+                self.hf_config, num_cpu_blocks, config.block_size, self.dtype, "cpu")
+            if self.device.type == "cuda":
+                cpu_caches = [(k.pin_memory(), v.pin_memory()) for k, v in cpu_caches]
+        self.scheduler = Scheduler(scheduler_config, CacheConfig(
+            block_size=config.block_size, num_gpu_blocks=num_blocks,
+            num_cpu_blocks=num_cpu_blocks, enable_prefix_caching=config.enable_prefix_caching))
+        self.runner = ModelRunner(
+            self.model, self.kv_caches, config.block_size, self.max_model_len, cpu_caches,
+            tuple(self.eos_token_ids), config.seed,
+            cuda_graph_max_batch=0 if config.enforce_eager
+            else min(config.max_graph_batch_size, config.max_num_seqs))
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (%.2f GiB), "
+                    "%d CPU swap blocks, max_model_len %d", model_dir, self.device, self.dtype,
+                    num_blocks, config.block_size, num_blocks * block_bytes / GIB,
+                    num_cpu_blocks, self.max_model_len)
+        self._tracked: dict[str, _Tracked] = {}
+        self._sequence_owner: dict[str, tuple[_Tracked, int]] = {}
+        self.last_result: StepResult | None = None
+
+    @staticmethod
+    def _load_tokenizer(path: str):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            logger.warning("no tokenizer in %s (%s); only token-id prompts work", path, error)
+            return None
+
+    def _num_gpu_blocks(self, budget: int) -> int:
+        config = self.config
+        block_bytes = bytes_per_block(self.hf_config, config.block_size, self.dtype)
+        if config.num_gpu_blocks_override is not None:
+            return config.num_gpu_blocks_override
+        if config.kv_cache_memory_gib is not None:
+            kv_bytes = int(config.kv_cache_memory_gib * GIB)
+        elif self.device.type == "cuda":
+            kv_bytes = profile_kv_cache_bytes(self.model, self.hf_config, self.dtype,
+                                              self.device, budget, config.max_num_seqs,
+                                              config.block_size, config.gpu_memory_utilization)
+        else:
+            kv_bytes = int(DEFAULT_CPU_KV_GIB * GIB)
+        num_blocks = kv_bytes // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache ({kv_bytes} bytes for blocks of "
+                             f"{block_bytes}); raise gpu_memory_utilization or "
+                             "kv_cache_memory_gib, or use a smaller model")
+        return num_blocks
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass prompt_token_ids instead of text")
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None, priority: int = 0,
+                    cache_salt: str | None = None) -> None:
+        """Queue a prompt (text or token ids); raises ValueError naming any bad field."""
+        params = params or SamplingParams()
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.encode(prompt) if text is not None else list(prompt)
+        vocab = self.hf_config.vocab_size
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}), got {bad[:5]}")
+        params.check_vocab(vocab)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop needs a tokenizer; use stop_token_ids")
+        if len(self.eos_token_ids) > 1:
+            params = dataclasses.replace(params, extra_stop_token_ids=self.eos_token_ids[1:])
+        eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        request = Request(request_id, token_ids, params, eos_token_id=eos, priority=priority,
+                          cache_salt=cache_salt)
+        self.scheduler.add_request(request)
+        n = params.n
+        tracked = _Tracked(
+            request_id, text, token_ids, params,
+            outputs=[CompletionOutput(index=i, logprobs=[] if params.logprobs is not None
+                                      else None, cumulative_logprob=0.0
+                                      if params.logprobs is not None else None)
+                     for i in range(n)],
+            detokenizers=[self._detokenizer(token_ids, params) for _ in range(n)],
+            metrics=RequestMetrics(arrival_time=request.arrival_time),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        tracked.sequence_ids = [child_request_id(request_id, i) for i in range(n)] \
+            if n > 1 else [request_id]
+        self._tracked[request_id] = tracked
+        for index, sequence_id in enumerate(tracked.sequence_ids):
+            self._sequence_owner[sequence_id] = (tracked, index)
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams):
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop,
+                                      params.include_stop_str_in_output,
+                                      params.skip_special_tokens)
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request in any state; its KV blocks are freed at once."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return
+        self.scheduler.abort_request(request_id)
+        for sequence_id in tracked.sequence_ids:
+            self._sequence_owner.pop(sequence_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the requests that changed (finished ones included)."""
+        step = self.scheduler.schedule()
+        if step.is_empty and not self.scheduler.running and self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler made no progress with requests waiting; the KV cache "
+                               "is too small for the waiting prompts")
+        now = time.monotonic()
+        for item in step.scheduled:
+            owner = self._sequence_owner.get(item.request_id) or self._owner_of_parent(
+                item.request_id)
+            if owner is not None and owner[0].metrics.first_scheduled_time is None:
+                owner[0].metrics.first_scheduled_time = now
+        result = self.runner.execute(step)
+        self.last_result = result
+        emitted = self.scheduler.update(step, result.sampled)
+        changed: dict[str, _Tracked] = {}
+        for request_id, (start, entries) in result.prompt_logprobs.items():
+            tracked = self._tracked.get(request_id)
+            if tracked is not None and tracked.prompt_logprobs is not None:
+                logprobs = tracked.prompt_logprobs
+                if start == len(logprobs):
+                    logprobs.extend(entries)
+        now = time.monotonic()
+        for request in emitted:
+            owner = self._sequence_owner.get(request.request_id)
+            if owner is None:
+                continue
+            tracked, index = owner
+            self._on_token(tracked, index, request, result, now)
+            changed[tracked.request_id] = tracked
+        outputs = []
+        for tracked in changed.values():
+            outputs.append(tracked.snapshot())
+            if tracked.num_finished == len(tracked.outputs):
+                del self._tracked[tracked.request_id]
+                for sequence_id in tracked.sequence_ids:
+                    self._sequence_owner.pop(sequence_id, None)
+        return outputs
+
+    def _owner_of_parent(self, request_id: str) -> tuple[_Tracked, int] | None:
+        tracked = self._tracked.get(request_id)
+        return None if tracked is None else (tracked, 0)
+
+    def _on_token(self, tracked: _Tracked, index: int, request: Request, result: StepResult,
+                  now: float) -> None:
+        completion = tracked.outputs[index]
+        token_id = request.output_token_ids[-1]
+        completion.token_ids.append(token_id)
+        metrics = tracked.metrics
+        metrics.first_token_time = metrics.first_token_time or now
+        metrics.num_cached_tokens = max(request.num_cached_tokens, 0)
+        metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
+        logprobs = result.logprobs.get(request.request_id)
+        if completion.logprobs is not None and logprobs is not None:
+            completion.logprobs.append(logprobs)
+            completion.cumulative_logprob += logprobs.logprob
+        detokenizer = tracked.detokenizers[index]
+        if detokenizer is not None:
+            stop = detokenizer.push(
+                token_id, check_stop=len(completion.token_ids) >= tracked.params.min_tokens)
+            completion.text = detokenizer.text
+            if stop is not None and not request.status.is_finished:
+                self.scheduler.finish_request(request.request_id, FinishReason.STOP, stop)
+            elif stop is not None and request.status.is_finished:
+                request.finish_reason, request.stop_reason = FinishReason.STOP, stop
+        if request.status.is_finished:
+            completion.finish_reason = request.finish_reason.value
+            completion.stop_reason = request.stop_reason
+            tracked.num_finished += 1
+            if tracked.num_finished == len(tracked.outputs):
+                metrics.finished_time = now

@@ -1,0 +1,197 @@
+"""Whole-block moves in the paged KV cache: copy-on-write copies and GPU<->CPU swaps.
+
+Caches use the layout of ``cache_ops`` (``[num_blocks, block_size, num_kv_heads, head_dim]``);
+these ops only need each block (everything after the first dimension) to be one contiguous run,
+so a per-layer view of a larger allocation works. ``block_mapping`` is int64 ``[n, 2]`` of
+``(src_block, dst_block)`` pairs. Destination blocks must be distinct and must not also appear
+as sources in the same call (the pairs run in parallel).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["copy_blocks", "copy_blocks_reference", "swap_blocks", "swap_blocks_reference"]
+
+# Elements each program moves per loop step (a 16 KiB-64 KiB run per step at 2-8 bytes each).
+_COPY_CHUNK = 8192
+# Integer types of each element size: the copy moves bits, so any cache dtype (fp8 too) works.
+_BITS_BY_ELEMENT_SIZE = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+
+
+def _check_block_mapping(block_mapping: torch.Tensor) -> None:
+    if block_mapping.dim() != 2 or block_mapping.shape[1] != 2:
+        raise ValueError(
+            f"block_mapping must be [n, 2] (src, dst) pairs, got {tuple(block_mapping.shape)}"
+        )
+    if block_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_mapping must be int64, got {block_mapping.dtype}")
+
+
+def _check_blocks_contiguous(name: str, cache: torch.Tensor) -> None:
+    if cache.dim() < 2:
+        raise ValueError(f"{name} must be [num_blocks, ...], got shape {tuple(cache.shape)}")
+    if not cache[0].is_contiguous():
+        raise ValueError(f"each block of {name} must be contiguous (everything after dim 0)")
+
+
+def _check_layer_caches(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]) -> None:
+    if len(key_caches) != len(value_caches):
+        raise ValueError(
+            f"key_caches ({len(key_caches)}) and value_caches ({len(value_caches)}) must have "
+            "one tensor per layer each"
+        )
+    caches = [*key_caches, *value_caches]
+    if not caches:
+        return
+    first = caches[0]
+    for index, cache in enumerate(caches):
+        name = f"{'key' if index < len(key_caches) else 'value'}_caches[{index % len(key_caches)}]"
+        if (cache.shape, cache.stride(), cache.dtype, cache.device) != (
+            first.shape,
+            first.stride(),
+            first.dtype,
+            first.device,
+        ):
+            raise ValueError(
+                f"{name} differs from key_caches[0] in shape, strides, dtype or device; all "
+                "layers' caches must match"
+            )
+        _check_blocks_contiguous(name, cache)
+
+
+def copy_blocks_reference(
+    key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
+) -> None:
+    """Pure-torch ``copy_blocks``: ``cache[dst] = cache[src]`` for every layer's K and V."""
+    _check_layer_caches(key_caches, value_caches)
+    _check_block_mapping(block_mapping)
+    for cache in [*key_caches, *value_caches]:
+        mapping = block_mapping.to(cache.device).long()
+        cache[mapping[:, 1]] = cache[mapping[:, 0]]
+
+
+@triton.jit
+def _copy_blocks_kernel(
+    cache_addresses_ptr,  # int64 [num_caches]: base address of every layer's K and V cache
+    block_mapping_ptr,  # [n, 2] (src, dst)
+    stride_cache_block,  # elements between consecutive blocks
+    block_numel,  # elements in one block
+    ELEMENT_TYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    cache = tl.program_id(1)
+    base = tl.load(cache_addresses_ptr + cache).to(tl.pointer_type(ELEMENT_TYPE))
+    src = tl.load(block_mapping_ptr + 2 * pair).to(tl.int64) * stride_cache_block
+    dst = tl.load(block_mapping_ptr + 2 * pair + 1).to(tl.int64) * stride_cache_block
+    for start in range(0, block_numel, CHUNK):
+        offsets = start + tl.arange(0, CHUNK)
+        in_block = offsets < block_numel
+        tl.store(base + dst + offsets, tl.load(base + src + offsets, mask=in_block), mask=in_block)
+
+
+class _AddressTable:
+    """Device tensor of cache base addresses, rebuilt only when the set of caches changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, ...] | None = None
+        self._table: torch.Tensor | None = None
+
+    def get(self, caches: list[torch.Tensor]) -> torch.Tensor:
+        key = (caches[0].device.index or 0, *(cache.data_ptr() for cache in caches))
+        if key != self._key or self._table is None:
+            self._table = torch.tensor(
+                [cache.data_ptr() for cache in caches], dtype=torch.int64, device=caches[0].device
+            )
+            self._key = key
+        return self._table
+
+
+_address_table = _AddressTable()
+
+
+def copy_blocks(
+    key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
+) -> None:
+    """Copy blocks ``src -> dst`` in every layer's K and V cache, all layers in one launch.
+
+    ``block_mapping`` is int64 ``[n, 2]``; it is moved to the caches' device if needed.
+    """
+    _check_layer_caches(key_caches, value_caches)
+    _check_block_mapping(block_mapping)
+    caches = [*key_caches, *value_caches]
+    if not caches or block_mapping.shape[0] == 0:
+        return
+    first = caches[0]
+    element_type = _BITS_BY_ELEMENT_SIZE.get(first.element_size())
+    if element_type is None:
+        raise TypeError(f"unsupported cache element size {first.element_size()} bytes")
+    mapping = block_mapping.to(first.device).contiguous()
+    _copy_blocks_kernel[(mapping.shape[0], len(caches))](
+        _address_table.get(caches),
+        mapping,
+        first.stride(0),
+        first[0].numel(),
+        ELEMENT_TYPE=element_type,
+        CHUNK=_COPY_CHUNK,
+    )
+
+
+def _check_swap_args(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping) -> None:
+    _check_block_mapping(block_mapping)
+    if src_cache.shape[1:] != dst_cache.shape[1:] or src_cache.dtype != dst_cache.dtype:
+        raise ValueError(
+            f"src_cache {src_cache.dtype} {tuple(src_cache.shape)} and dst_cache "
+            f"{dst_cache.dtype} {tuple(dst_cache.shape)} must match in dtype and block shape"
+        )
+    _check_blocks_contiguous("src_cache", src_cache)
+    _check_blocks_contiguous("dst_cache", dst_cache)
+
+
+def swap_blocks_reference(
+    src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping: torch.Tensor
+) -> None:
+    """Pure-torch ``swap_blocks``: one block at a time."""
+    _check_swap_args(src_cache, dst_cache, block_mapping)
+    for src, dst in block_mapping.tolist():
+        dst_cache[dst].copy_(src_cache[src])
+
+
+def swap_blocks(
+    src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping: torch.Tensor
+) -> None:
+    """Copy whole blocks ``src_cache[src] -> dst_cache[dst]`` across devices, batched.
+
+    Gathers the source blocks into one staging buffer on the source device (pinned when that
+    is the CPU), makes one (non-blocking where possible) transfer, and scatters on the
+    destination device. GPU->CPU waits for the transfer before scattering on the host, so the
+    CPU cache holds the data when this returns; CPU->GPU and GPU->GPU are stream-ordered.
+    """
+    _check_swap_args(src_cache, dst_cache, block_mapping)
+    if block_mapping.shape[0] == 0:
+        return
+    src_ids = block_mapping[:, 0].to(src_cache.device, torch.int64)
+    dst_ids = block_mapping[:, 1].to(dst_cache.device, torch.int64)
+    if src_cache.device == dst_cache.device:
+        dst_cache.index_copy_(0, dst_ids, src_cache.index_select(0, src_ids))
+        return
+    staging_shape = (block_mapping.shape[0], *src_cache.shape[1:])
+    if src_cache.device.type == "cpu":
+        # Host -> device: gather into pinned memory so the upload is asynchronous.
+        staging = torch.empty(staging_shape, dtype=src_cache.dtype, pin_memory=True)
+        torch.index_select(src_cache, 0, src_ids, out=staging)
+        uploaded = staging.to(dst_cache.device, non_blocking=True)
+        dst_cache.index_copy_(0, dst_ids, uploaded)
+        return
+    gathered = src_cache.index_select(0, src_ids)
+    if dst_cache.device.type == "cpu":
+        # Device -> host: one download into pinned memory, then scatter on the host.
+        staging = torch.empty(staging_shape, dtype=src_cache.dtype, pin_memory=True)
+        staging.copy_(gathered, non_blocking=True)
+        torch.cuda.current_stream(src_cache.device).synchronize()
+        dst_cache.index_copy_(0, dst_ids, staging)
+        return
+    dst_cache.index_copy_(0, dst_ids, gathered.to(dst_cache.device))

@@ -1,0 +1,702 @@
+"""Paged attention: causal attention of a batch of query tokens over K/V held in the paged cache.
+
+KV cache layout (see ``cache_ops``): ``key_cache``/``value_cache`` are
+``[num_blocks, block_size, num_kv_heads, head_dim]``; the innermost dimension must be contiguous,
+the other strides are free (so per-layer views of one big allocation work).
+
+Batch description (one launch covers prefill, chunked prefill, prefix-cache hits and decode):
+- ``query`` ``[num_tokens, num_q_heads, head_dim]``: the query tokens of all sequences,
+  concatenated; sequence ``i`` owns rows ``query_start_loc[i]:query_start_loc[i + 1]``.
+- ``seq_lens[i]``: context length of sequence ``i`` *including* this step's query tokens, whose
+  K/V are already in the cache. Query token ``j`` of a sequence with ``q_len`` query tokens sits
+  at position ``seq_lens[i] - q_len + j`` and attends to every key at a position ``<=`` its own
+  (and, with ``sliding_window=W``, to keys at positions ``> pos - W``).
+- ``block_tables[i, b]``: physical block holding positions ``b*block_size .. (b+1)*block_size-1``.
+Query rows that belong to no sequence (padding past ``query_start_loc[-1]``) are not written.
+
+Kernel design. One program handles one (sequence, tile of BLOCK_Q query tokens, KV head[,
+KV split]). The ``group = num_q_heads // num_kv_heads`` query heads that share a KV head are
+packed into the rows of the same tile (row = token * GROUP_PAD + head), so each K/V tile is
+read once for all of them and the matrix units see M = BLOCK_Q * GROUP_PAD rows even for
+decode. Keys are walked in tiles of BLOCK_N positions, independent of the cache block size:
+each key row finds its physical block through the block table. Online softmax in fp32 (base 2).
+When the batch has too few (sequence, KV head) pairs to fill the GPU (small-batch decode), the
+key range is cut into ``num_kv_splits`` pieces whose partial results (unnormalised accumulator,
+running max, running sum) a second kernel merges (flash-decoding). All index math on positions
+and block ids is int64. Grid sizes come from host integers only, so decode launches can be
+captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_attention", "paged_attention_reference"]
+
+_MAX_HEAD_DIM = 256
+_LOG2_E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checking (metadata only: never reads device memory)
+# --------------------------------------------------------------------------------------------
+
+
+def _validate_args(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    query_start_loc,
+    seq_lens,
+    max_query_len,
+    max_seq_len,
+    out,
+    sliding_window,
+) -> None:
+    if query.dim() != 3:
+        raise ValueError(
+            f"query must be [num_tokens, num_q_heads, head_dim], got shape {tuple(query.shape)}"
+        )
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, "
+            f"head_dim], got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
+        )
+    num_tokens, num_q_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"query head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    if not 1 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"unsupported head_dim {head_dim}: must be in 1..{_MAX_HEAD_DIM}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_q_heads ({num_q_heads}) must be a positive multiple of num_kv_heads "
+            f"({num_kv_heads})"
+        )
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"query dtype must be float16, bfloat16 or float32, got {query.dtype}")
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise TypeError(
+            f"cache dtypes ({key_cache.dtype}, {value_cache.dtype}) must match query {query.dtype}"
+        )
+    if block_tables.dim() != 2 or block_tables.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            "block_tables must be int32 [num_seqs, max_blocks_per_seq], got "
+            f"{block_tables.dtype} {tuple(block_tables.shape)}"
+        )
+    num_seqs = block_tables.shape[0]
+    if query_start_loc.shape != (num_seqs + 1,) or query_start_loc.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
+        raise ValueError(
+            f"query_start_loc must be int32 [num_seqs + 1 = {num_seqs + 1}], got "
+            f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}"
+        )
+    if seq_lens.shape != (num_seqs,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"seq_lens must be int32 [num_seqs = {num_seqs}], got {seq_lens.dtype} "
+            f"{tuple(seq_lens.shape)}"
+        )
+    if max_query_len < 0 or max_seq_len < 0:
+        raise ValueError(
+            f"max_query_len ({max_query_len}) and max_seq_len ({max_seq_len}) must be >= 0"
+        )
+    if max_seq_len > block_tables.shape[1] * block_size:
+        raise ValueError(
+            f"max_seq_len {max_seq_len} exceeds block_tables capacity "
+            f"{block_tables.shape[1]} blocks x {block_size}"
+        )
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+    if out is not None and (out.shape != query.shape or out.dtype != query.dtype):
+        raise ValueError(
+            f"out must be {query.dtype} {tuple(query.shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
+    tensors = [query, key_cache, value_cache, block_tables, query_start_loc, seq_lens]
+    if out is not None:
+        tensors.append(out)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+# --------------------------------------------------------------------------------------------
+# Torch reference (the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Pure-torch paged attention, same contract as :func:`paged_attention`.
+
+    Loops over sequences (it reads the lengths on the host), gathers each sequence's blocks and
+    runs fp32 SDPA with an explicit causal (and sliding-window) mask.
+    """
+    _validate_args(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        max_query_len,
+        max_seq_len,
+        out,
+        sliding_window,
+    )
+    if out is None:
+        out = torch.empty_like(query)
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    for seq, seq_len in enumerate(lengths):
+        q_begin, q_end = starts[seq], starts[seq + 1]
+        q_len = q_end - q_begin
+        if q_len == 0:
+            continue
+        if seq_len < q_len:
+            raise ValueError(f"seq_lens[{seq}] = {seq_len} is shorter than its {q_len} queries")
+        blocks = block_tables[seq, : triton.cdiv(seq_len, block_size)].long()
+        # [seq_len, kv_heads, head_dim] -> [kv_heads, seq_len, head_dim]
+        keys = key_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+        values = value_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+        queries = query[q_begin:q_end].transpose(0, 1).float()  # [q_heads, q_len, head_dim]
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+        key_pos = torch.arange(seq_len, device=query.device)[None, :]
+        visible = key_pos <= query_pos
+        if sliding_window is not None:
+            visible &= key_pos > query_pos - sliding_window
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
+        )
+        out[q_begin:q_end] = attended.transpose(0, 1).to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_key_tile(
+    acc,
+    running_max,
+    running_sum,
+    query,
+    tile_start,
+    kv_end,
+    row_pos,
+    sliding_window,
+    scale_log2,
+    block_table,
+    key_head,
+    value_head,
+    stride_key_block,
+    stride_key_offset,
+    stride_value_block,
+    stride_value_offset,
+    dims,
+    dim_valid,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_SLIDING_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over the keys ``tile_start .. tile_start + BLOCK_N - 1``.
+
+    With ``MASKED`` false the caller guarantees the whole tile is valid and visible to every row.
+    """
+    key_pos = tile_start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        key_valid = key_pos < kv_end
+        block_id = tl.load(block_table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        # Masked rows read as 0, so stale cache slots (even NaN) never reach the accumulator.
+        keys_t_mask = dim_valid[:, None] & key_valid[None, :]
+        values_mask = key_valid[:, None] & dim_valid[None, :]
+        fill = 0.0
+    else:
+        block_id = tl.load(block_table + key_pos // BLOCK_SIZE)
+        if HEAD_DIM_PAD != HEAD_DIM:
+            keys_t_mask = dim_valid[:, None]
+            values_mask = dim_valid[None, :]
+            fill = 0.0
+        else:
+            keys_t_mask = None
+            values_mask = None
+            fill = None
+    block_id = block_id.to(tl.int64)
+    in_block = key_pos % BLOCK_SIZE
+    keys_t = tl.load(  # K^T tile [HEAD_DIM_PAD, BLOCK_N]
+        key_head
+        + (block_id * stride_key_block + in_block * stride_key_offset)[None, :]
+        + dims[:, None],
+        mask=keys_t_mask,
+        other=fill,
+    )
+    scores = tl.dot(query, keys_t, input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        visible = key_valid[None, :] & (key_pos[None, :] <= row_pos[:, None])
+        if USE_SLIDING_WINDOW:
+            visible &= key_pos[None, :] > row_pos[:, None] - sliding_window
+        scores = tl.where(visible, scores, float("-inf"))
+
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    correction = tl.exp2(running_max - new_max)
+    probs = tl.exp2(scores - new_max[:, None])
+    running_sum = running_sum * correction + tl.sum(probs, 1)
+    values = tl.load(  # V tile [BLOCK_N, HEAD_DIM_PAD]
+        value_head
+        + (block_id * stride_value_block + in_block * stride_value_offset)[:, None]
+        + dims[None, :],
+        mask=values_mask,
+        other=fill,
+    )
+    acc = acc * correction[:, None] + tl.dot(
+        probs.to(values.dtype), values, input_precision=DOT_PRECISION
+    )
+    return acc, new_max, running_sum
+
+
+@triton.jit
+def _paged_attention_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    out_ptr,  # final output, or the fp32 split accumulators [tokens, q_heads, splits, HEAD_DIM_PAD]
+    split_max_ptr,  # fp32 [tokens, q_heads, splits] (split path only)
+    split_sum_ptr,  # fp32 [tokens, q_heads, splits] (split path only)
+    scale_log2,  # softmax scale * log2(e): the softmax runs in base 2
+    sliding_window,
+    num_q_heads,
+    num_kv_splits,
+    keys_per_split,  # multiple of BLOCK_N
+    stride_query_token,
+    stride_query_head,
+    stride_key_block,
+    stride_key_offset,
+    stride_key_head,
+    stride_value_block,
+    stride_value_offset,
+    stride_value_head,
+    stride_block_tables_seq,
+    stride_out_token,
+    stride_out_head,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    USE_SLIDING_WINDOW: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    # Axis 0 walks the query tiles of one (sequence, head) back to front: the last tiles see the
+    # most keys, so starting them first balances causal prefill, and neighbouring programs share
+    # K/V in L2.
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1) // num_kv_splits
+    split = tl.program_id(1) % num_kv_splits
+    seq = tl.program_id(2)
+
+    q_begin = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int64) - q_begin
+    tile_first = q_tile * BLOCK_Q
+    if tile_first >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
+    context_len = seq_len - q_len  # keys that precede this step's first query token
+
+    rows = tl.arange(0, BLOCK_M)
+    row_token = tile_first + rows // GROUP_PAD
+    row_head = rows % GROUP_PAD
+    row_valid = (row_token < q_len) & (row_head < GROUP_SIZE)
+    row_pos = context_len + row_token
+    row_q_head = kv_head * GROUP_SIZE + row_head
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    row_dim_mask = row_valid[:, None] & dim_valid[None, :]
+
+    query = tl.load(
+        query_ptr
+        + (q_begin + row_token)[:, None] * stride_query_token
+        + row_q_head[:, None] * stride_query_head
+        + dims[None, :],
+        mask=row_dim_mask,
+        other=0.0,
+    )
+
+    # Keys this tile can see: up to the last query's position, from the first query's window.
+    kv_end = tl.minimum(seq_len, context_len + tile_first + BLOCK_Q)
+    kv_begin = context_len * 0
+    if USE_SLIDING_WINDOW:
+        kv_begin = tl.maximum(context_len + tile_first - sliding_window + 1, 0)
+        kv_begin = (kv_begin // BLOCK_N) * BLOCK_N
+    if SPLIT_KV:
+        kv_begin = tl.maximum(kv_begin, split * keys_per_split)
+        kv_end = tl.minimum(kv_end, (split + 1) * keys_per_split)
+
+    # A finite start for the running max keeps exp2(old - new) from becoming NaN on rows that
+    # have seen only masked keys so far.
+    running_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_block_tables_seq
+    key_head = key_cache_ptr + kv_head.to(tl.int64) * stride_key_head
+    value_head = value_cache_ptr + kv_head.to(tl.int64) * stride_value_head
+
+    # Key tiles that lie entirely at or before the tile's first query position are visible to
+    # every row: they run without any mask (no per-element compares, unpredicated loads). Only
+    # the tiles on the causal diagonal (and, with a sliding window, all tiles) pay for masks.
+    masked_begin = kv_begin
+    if not USE_SLIDING_WINDOW:
+        full_end = ((context_len + tile_first + 1) // BLOCK_N) * BLOCK_N
+        masked_begin = tl.maximum(kv_begin, tl.minimum(kv_end, full_end))
+        for tile_start in range(kv_begin, masked_begin, BLOCK_N):
+            acc, running_max, running_sum = _attend_key_tile(
+                acc,
+                running_max,
+                running_sum,
+                query,
+                tile_start,
+                kv_end,
+                row_pos,
+                sliding_window,
+                scale_log2,
+                block_table,
+                key_head,
+                value_head,
+                stride_key_block,
+                stride_key_offset,
+                stride_value_block,
+                stride_value_offset,
+                dims,
+                dim_valid,
+                BLOCK_N,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                BLOCK_SIZE,
+                False,
+                False,
+                DOT_PRECISION,
+            )
+    for tile_start in range(masked_begin, kv_end, BLOCK_N):
+        acc, running_max, running_sum = _attend_key_tile(
+            acc,
+            running_max,
+            running_sum,
+            query,
+            tile_start,
+            kv_end,
+            row_pos,
+            sliding_window,
+            scale_log2,
+            block_table,
+            key_head,
+            value_head,
+            stride_key_block,
+            stride_key_offset,
+            stride_value_block,
+            stride_value_offset,
+            dims,
+            dim_valid,
+            BLOCK_N,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            BLOCK_SIZE,
+            True,
+            USE_SLIDING_WINDOW,
+            DOT_PRECISION,
+        )
+
+    out_row = (q_begin + row_token).to(tl.int64) * num_q_heads + row_q_head
+    if SPLIT_KV:
+        split_row = out_row * num_kv_splits + split
+        tl.store(split_max_ptr + split_row, running_max, mask=row_valid)
+        tl.store(split_sum_ptr + split_row, running_sum, mask=row_valid)
+        tl.store(
+            out_ptr + split_row[:, None] * HEAD_DIM_PAD + dims[None, :],
+            acc,
+            mask=row_valid[:, None],
+        )
+    else:
+        # Every valid row saw at least its own key, so running_sum > 0; padding rows divide by 1.
+        result = acc / tl.where(row_valid, running_sum, 1.0)[:, None]
+        tl.store(
+            out_ptr
+            + (q_begin + row_token)[:, None] * stride_out_token
+            + row_q_head[:, None] * stride_out_head
+            + dims[None, :],
+            result.to(out_ptr.dtype.element_ty),
+            mask=row_dim_mask,
+        )
+
+
+@triton.jit
+def _merge_kv_splits_kernel(
+    split_acc_ptr,  # fp32 [tokens, q_heads, splits, HEAD_DIM_PAD]
+    split_max_ptr,  # fp32 [tokens, q_heads, splits]
+    split_sum_ptr,  # fp32 [tokens, q_heads, splits]
+    out_ptr,
+    query_start_loc_ptr,
+    num_seqs,
+    num_q_heads,
+    num_kv_splits,
+    stride_out_token,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    q_head = tl.program_id(1)
+    # Rows past the last sequence are padding: their partials were never written.
+    if token >= tl.load(query_start_loc_ptr + num_seqs):
+        return
+    splits = tl.arange(0, SPLITS_PAD)
+    split_valid = splits < num_kv_splits
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    split_row = (token * num_q_heads + q_head) * num_kv_splits + splits
+    split_max = tl.load(split_max_ptr + split_row, mask=split_valid, other=float("-inf"))
+    split_sum = tl.load(split_sum_ptr + split_row, mask=split_valid, other=0.0)
+    split_acc = tl.load(
+        split_acc_ptr + split_row[:, None] * HEAD_DIM_PAD + dims[None, :],
+        mask=split_valid[:, None],
+        other=0.0,
+    )
+    # Splits that saw no key carry max -1e30 and sum 0: their weight underflows to 0.
+    weight = tl.exp2(split_max - tl.max(split_max, 0))
+    total = tl.sum(split_sum * weight, 0)
+    result = tl.sum(split_acc * weight[:, None], 0) / total
+    tl.store(
+        out_ptr + token * stride_out_token + q_head * stride_out_head + dims,
+        result.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration and host wrapper
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes and launch parameters; ``num_kv_splits`` 1 means no split-KV pass."""
+
+    block_q: int
+    block_n: int
+    num_kv_splits: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def select_config(
+    *,
+    num_seqs: int,
+    num_kv_heads: int,
+    group_size: int,
+    head_dim: int,
+    max_query_len: int,
+    max_seq_len: int,
+    device: torch.device,
+    num_kv_splits: int | None = None,
+) -> AttentionConfig:
+    """Pick tiles from host-side sizes only (never reads device memory)."""
+    group_pad = triton.next_power_of_2(group_size)
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    # Rows per tile: at least 16 (the smallest matrix-unit M), about 128 for prefill.
+    min_block_q = max(1, 16 // group_pad)
+    max_block_q = max(min_block_q, (64 if head_dim_pad > 128 else 128) // group_pad)
+    block_q = min(max(triton.next_power_of_2(max(max_query_len, 1)), min_block_q), max_block_q)
+    is_decode = block_q * group_pad <= 16
+    block_n = 32 if head_dim_pad > 128 else 64
+    if num_kv_splits is None:
+        num_kv_splits = 1
+        num_q_tiles = triton.cdiv(max(max_query_len, 1), block_q)
+        programs = num_seqs * num_kv_heads * num_q_tiles
+        target = 2 * _num_sms(device)
+        if device.type == "cuda" and num_q_tiles == 1 and programs < target:
+            # Enough splits to fill the GPU, but each split keeps >= 4 key tiles of work.
+            wanted = triton.cdiv(target, max(programs, 1))
+            affordable = max(1, max_seq_len // (4 * block_n))
+            num_kv_splits = max(1, min(wanted, affordable, 64))
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    return AttentionConfig(
+        block_q=block_q,
+        block_n=block_n,
+        num_kv_splits=num_kv_splits,
+        num_warps=4 if is_decode else 8 if block_q * group_pad >= 128 else 4,
+        num_stages=3 if is_decode else 2,
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    num_kv_splits: int | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of ``query`` over the paged K/V cache (see the module docstring).
+
+    ``max_query_len``/``max_seq_len`` are host-side upper bounds used only to size the grid.
+    ``num_kv_splits`` forces the number of key-range splits (None: chosen from the sizes);
+    ``config`` overrides the whole launch configuration (benchmarks and tests).
+    Returns ``out`` (allocated when None), in the query dtype.
+    """
+    _validate_args(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        max_query_len,
+        max_seq_len,
+        out,
+        sliding_window,
+    )
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1)")
+    if query.stride(-1) != 1:
+        raise ValueError("query must be contiguous in head_dim (stride(-1) == 1)")
+    if out is None:
+        out = torch.empty_like(query)
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in head_dim (stride(-1) == 1)")
+    num_tokens, num_q_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1:3]
+    num_seqs = block_tables.shape[0]
+    if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
+        return out
+    group_size = num_q_heads // num_kv_heads
+    if config is None:
+        config = select_config(
+            num_seqs=num_seqs,
+            num_kv_heads=num_kv_heads,
+            group_size=group_size,
+            head_dim=head_dim,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            device=query.device,
+            num_kv_splits=num_kv_splits,
+        )
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    splits = config.num_kv_splits
+    split_kv = splits > 1
+    keys_per_split = triton.cdiv(max(max_seq_len, 1), splits * config.block_n) * config.block_n
+    if split_kv:
+        split_acc = torch.empty(
+            (num_tokens, num_q_heads, splits, head_dim_pad),
+            dtype=torch.float32,
+            device=query.device,
+        )
+        split_max = torch.empty(
+            (num_tokens, num_q_heads, splits), dtype=torch.float32, device=query.device
+        )
+        split_sum = torch.empty_like(split_max)
+        target, target_strides = split_acc, (0, 0)
+    else:
+        split_max = split_sum = out  # unused by the kernel on this path
+        target, target_strides = out, out.stride()[:2]
+
+    grid = (triton.cdiv(max_query_len, config.block_q), num_kv_heads * splits, num_seqs)
+    _paged_attention_kernel[grid](
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        target,
+        split_max,
+        split_sum,
+        scale * _LOG2_E,
+        sliding_window or 0,
+        num_q_heads,
+        splits,
+        keys_per_split,
+        *query.stride()[:2],
+        *key_cache.stride()[:3],
+        *value_cache.stride()[:3],
+        block_tables.stride(0),
+        *target_strides,
+        GROUP_SIZE=group_size,
+        GROUP_PAD=triton.next_power_of_2(group_size),
+        BLOCK_Q=config.block_q,
+        BLOCK_N=config.block_n,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        USE_SLIDING_WINDOW=sliding_window is not None,
+        SPLIT_KV=split_kv,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if split_kv:
+        _merge_kv_splits_kernel[(num_tokens, num_q_heads)](
+            split_acc,
+            split_max,
+            split_sum,
+            out,
+            query_start_loc,
+            num_seqs,
+            num_q_heads,
+            splits,
+            *out.stride()[:2],
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+    return out

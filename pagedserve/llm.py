@@ -1,0 +1,110 @@
+"""Offline generation: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.beam_search import BeamSearchOutput, run_beam_search
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.outputs import RequestOutput
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
+    if isinstance(prompts, str | dict) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+    ):
+        prompts = [prompts]
+    normalized = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError(f"prompts[{index}] must have 'prompt' or 'prompt_token_ids'")
+        if not isinstance(prompt, str | list):
+            raise TypeError(f"prompts[{index}] must be a string, a list of token ids or a dict, "
+                            f"got {type(prompt).__name__}")
+        normalized.append(prompt)
+    return normalized
+
+
+class LLM:
+    """A model replica in this process (CPU or one GPU). `LLM()` uses the embedded default."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order."""
+        prompts = _normalize_prompts(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} "
+                                 "prompts; pass one, or one per prompt")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        engine = self.engine
+        ids = []
+        try:
+            for index, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+                request_id = str(next(self._ids))
+                engine.add_request(request_id, prompt, params,
+                                   priority=0 if priority is None else priority[index])
+                ids.append(request_id)
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while len(finished) < len(ids):
+                for output in self.engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in ids]
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then generate."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; use generate()")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [tokenizer.apply_chat_template(conversation, tokenize=True,
+                                                 add_generation_prompt=add_generation_prompt)
+                   for conversation in conversations]
+        prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p)
+                   for p in prompts]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search per prompt; beams share KV blocks through fork and copy-on-write."""
+        return run_beam_search(self.engine, _normalize_prompts(prompts), params,
+                               f"beam-{next(self._ids)}")

@@ -1,0 +1,240 @@
+"""Building a model from a Hugging Face checkpoint directory (or a config, for dummy weights).
+
+Weights are read from safetensors lazily: each checkpoint tensor is opened as a slice and every
+parameter's `weight_loader` reads only this rank's rows/columns, so a TP rank never holds a full
+tensor it does not need. Checkpoint names map one-to-one onto module names except the q/k/v and
+gate/up projections, which load into the fused parameters as shards (see
+`LlamaForCausalLM.packed_modules_mapping`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+
+from pagedserve.workers.model import LlamaForCausalLM, model_class_for, num_kv_heads_of
+from pagedserve.workers.parallel import TensorParallelGroup, valid_tp_sizes
+from pagedserve.workers.weight_utils import WeightShapeError, default_weight_loader
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+# Derived buffers some older checkpoints saved; recomputed from the config instead.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def load_config(model_dir: str | os.PathLike) -> PretrainedConfig:
+    """The checkpoint's config.json via transformers, without touching the network."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
+    """'auto' means the config's dtype (float32 when it names none)."""
+    if dtype == "auto":
+        # transformers 5 renamed torch_dtype to dtype (reading the old name there warns).
+        dtype = config.dtype if hasattr(config, "dtype") else config.torch_dtype
+        dtype = dtype or torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use 'auto' or one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"unsupported dtype {dtype}; use bfloat16, float16 or float32")
+    return dtype
+
+
+def check_tp_size(config: Any, tp_size: int) -> None:
+    """Heads (query and KV: KV heads are not replicated) and the MLP must split evenly."""
+    dims = {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": num_kv_heads_of(config),
+        "intermediate_size": config.intermediate_size,
+    }
+    valid = valid_tp_sizes(*dims.values())
+    if tp_size not in valid:
+        described = ", ".join(f"{name}={value}" for name, value in dims.items())
+        raise ValueError(f"tensor parallel size {tp_size} does not evenly split this model "
+                         f"({described}); valid tensor parallel sizes: {valid}")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(config: Any, dtype: torch.dtype, device: str | torch.device,
+                tp: TensorParallelGroup) -> LlamaForCausalLM:
+    """The model with uninitialised parameters allocated directly on `device` in `dtype`."""
+    model_class = model_class_for(config)
+    check_tp_size(config, tp.size)
+    with _default_dtype(dtype), torch.device(device):
+        model = model_class(config, tp)
+    return model.eval()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files to read: those named by the index when there is one, else all."""
+    index_path = model_dir / _INDEX_FILE
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{_INDEX_FILE} in {str(model_dir)!r} names missing files: "
+                                    f"{missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        hint = " (only safetensors is supported, found .bin files)" if any(
+            model_dir.glob("*.bin")) else ""
+        raise FileNotFoundError(f"no *.safetensors weight files in {str(model_dir)!r}{hint}")
+    return files
+
+
+def _param_target(model: LlamaForCausalLM, checkpoint_name: str) -> tuple[str, Any]:
+    """Checkpoint tensor name -> (our parameter name, shard id or None)."""
+    parts = checkpoint_name.split(".")
+    for index, part in enumerate(parts):
+        if part in model.packed_modules_mapping:
+            fused, shard_id = model.packed_modules_mapping[part]
+            return ".".join([*parts[:index], fused, *parts[index + 1:]]), shard_id
+    return checkpoint_name, None
+
+
+def _expected_loads(model: LlamaForCausalLM) -> set[tuple[str, Any]]:
+    """Every (parameter, shard id) a complete checkpoint must fill."""
+    shards_of: dict[str, list[Any]] = {}
+    for fused, shard_id in model.packed_modules_mapping.values():
+        shards_of.setdefault(fused, []).append(shard_id)
+    expected = set()
+    for name, _ in model.named_parameters():  # tied weights appear once, under the embedding
+        module_name = name.split(".")[-2]
+        for shard_id in shards_of.get(module_name, [None]):
+            expected.add((name, shard_id))
+    return expected
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike) -> None:
+    """Fill `model`'s parameters (this rank's shards) from the checkpoint in `model_dir`."""
+    model_dir = Path(model_dir)
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, Any]] = set()
+    unexpected: list[str] = []
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as checkpoint:
+            for checkpoint_name in checkpoint.keys():  # noqa: SIM118 (safe_open is no dict)
+                if checkpoint_name.endswith(_IGNORED_SUFFIXES) or (
+                        model.tie_word_embeddings and checkpoint_name == "lm_head.weight"):
+                    continue
+                name, shard_id = _param_target(model, checkpoint_name)
+                param = params.get(name)
+                if param is None:
+                    unexpected.append(checkpoint_name)
+                    continue
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    loader(param, checkpoint.get_slice(checkpoint_name), shard_id)
+                except WeightShapeError as error:
+                    raise WeightShapeError(f"checkpoint tensor {checkpoint_name!r} (parameter "
+                                           f"{name!r}): {error}") from None
+                loaded.add((name, shard_id))
+    if unexpected:
+        logger.warning("ignored %d checkpoint tensors the model has no parameter for: %s",
+                       len(unexpected), unexpected[:20])
+    missing = _expected_loads(model) - loaded
+    if missing:
+        described = sorted(name if shard is None else f"{name} (shard {shard})"
+                           for name, shard in missing)
+        raise ValueError(f"checkpoint {str(model_dir)!r} is missing weights: {described}")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
+    """Random N(0, std) weights (norm scales 1) so activations stay in a realistic range.
+
+    Each rank draws its own shard from a generator seeded by (seed, rank), so dummy weights are
+    reproducible for a given TP size but differ between TP sizes.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(param.device).manual_seed(
+                seed * 1_000_003 + model.tp.rank)
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=generators[param.device])
+
+
+@torch.no_grad()
+def load_model(model: str | os.PathLike | PretrainedConfig, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", tp_rank: int = 0, tp_size: int = 1,
+               load_format: str = "auto", process_group: Any = None,
+               seed: int = 0) -> LlamaForCausalLM:
+    """A ready-to-run model for this TP rank.
+
+    `model` is a HF checkpoint directory, or a config when `load_format="dummy"` (random
+    weights of the config's shapes, for benchmarks; see `llama_8b_config`).
+    """
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"unsupported load_format {load_format!r}; use 'auto' or 'dummy'")
+    if isinstance(model, PretrainedConfig):
+        if load_format != "dummy":
+            raise ValueError("a config without a checkpoint directory needs load_format='dummy'")
+        config = model
+    else:
+        config = load_config(model)
+    tp = TensorParallelGroup(rank=tp_rank, size=tp_size, process_group=process_group)
+    network = build_model(config, resolve_dtype(dtype, config), device, tp)
+    if load_format == "dummy":
+        init_dummy_weights(network, seed)
+    else:
+        load_weights(network, model)
+    return network
+
+
+def _llama3_config(**shape: int) -> LlamaConfig:
+    """A Llama 3.1-style config (RoPE theta 500000 with llama3 scaling to 128K context)."""
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"], vocab_size=128256, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False, dtype="bfloat16", **shape,
+    )
+
+
+def llama_8b_config() -> LlamaConfig:
+    """Llama 3 8B shapes (for dummy-weight benchmarks)."""
+    return _llama3_config(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                          num_key_value_heads=8, intermediate_size=14336)
+
+
+def llama_70b_config() -> LlamaConfig:
+    """Llama 3 70B shapes (for dummy-weight benchmarks)."""
+    return _llama3_config(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
+                          num_key_value_heads=8, intermediate_size=28672)

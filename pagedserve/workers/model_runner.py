@@ -1,0 +1,233 @@
+"""Turns one SchedulerOutput into tensors, runs the model over the paged KV pool, samples.
+
+The worker keeps each request's block table and token history, updated from the deltas the
+scheduler sends, so a decode step ships one token and at most one block id per request. Block
+moves (swap out, swap in, copy-on-write) run before the forward, in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.kernels.block_ops import (
+    copy_blocks,
+    copy_blocks_reference,
+    swap_blocks,
+    swap_blocks_reference,
+)
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.output import SchedulerOutput
+from pagedserve.workers.attention import AttentionMetadata, KVCache
+from pagedserve.workers.cuda_graphs import DecodeGraphs
+from pagedserve.workers.sampler import LogprobsTensors, compute_prompt_logprobs, sample
+from pagedserve.workers.sampling_batch import SamplingBatch, SamplingRequest
+
+logger = logging.getLogger(__name__)
+
+TopLogprobs = list[tuple[int, float]]
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of one chosen token, its rank (1 = most likely) and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: TopLogprobs
+
+
+@dataclass
+class StepResult:
+    """Plain-data result of one step (crosses process boundaries)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    """request id -> (index of the first prompt token covered, logprobs of consecutive tokens)."""
+
+
+@dataclass
+class _RequestState:
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    block_table: list[int]
+
+
+def _to_token_logprobs(tensors: LogprobsTensors, rows: range | list[int],
+                       num_top: int) -> list[TokenLogprobs]:
+    token_ids = tensors.token_ids.tolist()
+    values = tensors.token_logprobs.tolist()
+    ranks = tensors.token_ranks.tolist()
+    top_ids = tensors.top_token_ids[:, :num_top].tolist()
+    top_values = tensors.top_logprobs[:, :num_top].tolist()
+    return [TokenLogprobs(token_ids[r], values[r], ranks[r],
+                          list(zip(top_ids[r], top_values[r], strict=True))) for r in rows]
+
+
+class ModelRunner:
+    """One rank's model, KV pool and per-request state; `execute` runs one scheduler step."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], block_size: int,
+                 max_model_len: int, cpu_kv_caches: list[KVCache] | None = None,
+                 eos_token_ids: tuple[int, ...] = (), seed: int = 0,
+                 cuda_graph_max_batch: int = 0) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.cpu_kv_caches = cpu_kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = model.config.vocab_size
+        self.device = kv_caches[0][0].device
+        self.is_driver = model.tp.is_first_rank
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.states: dict[str, _RequestState] = {}
+        self.graphs = None
+        if cuda_graph_max_batch and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, kv_caches, block_size, max_model_len,
+                                       cuda_graph_max_batch)
+
+    # ---- state and block moves ----------------------------------------------------------
+
+    def _apply_updates(self, step: SchedulerOutput) -> None:
+        for request_id in step.forgotten_request_ids:
+            self.states.pop(request_id, None)
+        for item in step.scheduled:
+            if item.new_request is not None:
+                data = item.new_request
+                self.states[item.request_id] = _RequestState(
+                    list(data.prompt_token_ids), list(data.output_token_ids),
+                    data.sampling_params, [])
+            table = self.states[item.request_id].block_table
+            del table[item.table_start:]
+            table.extend(item.table_blocks)
+
+    def _move_blocks(self, step: SchedulerOutput) -> None:
+        on_gpu = self.device.type == "cuda"
+        swap = swap_blocks if on_gpu else swap_blocks_reference
+        for pairs, sources, targets in (
+            (step.blocks_to_swap_out, self.kv_caches, self.cpu_kv_caches),
+            (step.blocks_to_swap_in, self.cpu_kv_caches, self.kv_caches),
+        ):
+            if not pairs:
+                continue
+            mapping = torch.tensor(pairs, dtype=torch.int64)
+            for src_layer, dst_layer in zip(sources, targets, strict=True):
+                for src, dst in zip(src_layer, dst_layer, strict=True):
+                    swap(src, dst, mapping)
+        if step.blocks_to_copy:
+            mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64, device=self.device)
+            (copy_blocks if on_gpu else copy_blocks_reference)(
+                [k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def _prepare(self, step: SchedulerOutput):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for item in step.scheduled:
+            input_ids.extend(item.token_ids)
+            start = item.start_position
+            positions.extend(range(start, start + item.num_tokens))
+            slots.extend(item.slot_mapping)
+            query_start_loc.append(query_start_loc[-1] + item.num_tokens)
+            seq_lens.append(item.seq_len)
+            tables.append(self.states[item.request_id].block_table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        device = self.device
+        pin = device.type == "cuda"
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+
+        metadata = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            block_tables=tensor(padded, torch.int32),
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            max_query_len=max(item.num_tokens for item in step.scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata, \
+            query_start_loc
+
+    # ---- one step -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        """Apply block moves, run the forward, sample on the driver rank."""
+        self._apply_updates(step)
+        self._move_blocks(step)
+        result = StepResult()
+        if not step.scheduled:
+            return result
+        is_decode = all(item.num_tokens == 1 for item in step.scheduled)
+        if self.graphs is not None and is_decode and self.graphs.fits(len(step.scheduled)):
+            tables = [self.states[item.request_id].block_table for item in step.scheduled]
+            hidden = self.graphs.run(step, tables)
+            query_start_loc = list(range(len(step.scheduled) + 1))
+        else:
+            input_ids, positions, metadata, query_start_loc = self._prepare(step)
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+
+        sample_rows = [i for i, item in enumerate(step.scheduled) if item.sample]
+        prompt_rows = [i for i, item in enumerate(step.scheduled)
+                       if self.states[item.request_id].params.prompt_logprobs is not None
+                       and item.start_position < len(self.states[item.request_id]
+                                                     .prompt_token_ids) - 1]
+        last_token_index = [query_start_loc[i + 1] - 1 for i in sample_rows]
+        logits = self.model.compute_logits(
+            hidden[torch.tensor(last_token_index, device=hidden.device)]) if sample_rows else None
+        if prompt_rows:
+            self._prompt_logprobs(step, prompt_rows, hidden, query_start_loc, result)
+        if not self.is_driver or logits is None:
+            return result
+        self._sample(step, sample_rows, logits, result)
+        return result
+
+    def _sample(self, step: SchedulerOutput, rows: list[int], logits: torch.Tensor,
+                result: StepResult) -> None:
+        items = [step.scheduled[i] for i in rows]
+        states = [self.states[item.request_id] for item in items]
+        batch = SamplingBatch.from_requests(
+            [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids) for s in states],
+            self.vocab_size, self.device, self.eos_token_ids)
+        output = sample(logits, batch, self.generator)
+        token_ids = output.token_ids.tolist()
+        for item, state, token_id in zip(items, states, token_ids, strict=True):
+            state.output_token_ids.append(token_id)
+            result.sampled[item.request_id] = token_id
+        if output.logprobs is not None:
+            for index, (item, state) in enumerate(zip(items, states, strict=True)):
+                if state.params.logprobs is not None:
+                    (entry,) = _to_token_logprobs(output.logprobs, [index], state.params.logprobs)
+                    result.logprobs[item.request_id] = entry
+
+    def _prompt_logprobs(self, step: SchedulerOutput, rows: list[int], hidden: torch.Tensor,
+                         query_start_loc: list[int], result: StepResult) -> None:
+        for row in rows:
+            item = step.scheduled[row]
+            state = self.states[item.request_id]
+            num_prompt = len(state.prompt_token_ids)
+            start = item.start_position
+            end = min(item.seq_len, num_prompt - 1)
+            first = query_start_loc[row]
+            logits = self.model.compute_logits(hidden[first:first + end - start])
+            if logits is None:
+                continue
+            next_ids = torch.tensor(state.prompt_token_ids[start + 1:end + 1],
+                                    device=logits.device)
+            num_top = state.params.prompt_logprobs
+            tensors = compute_prompt_logprobs(logits, next_ids, max(num_top, 1))
+            result.prompt_logprobs[item.request_id] = (
+                start + 1, _to_token_logprobs(tensors, range(end - start), num_top))
