@@ -19,6 +19,7 @@ install: $(STAMP)
 
 main: $(STAMP)
 	$(PY) bench/kv_memory.py --json out/kv_memory.json
+	$(PY) -m pagedserve generate --temperature 0.8 --json out/generate.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

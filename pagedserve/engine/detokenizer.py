@@ -45,6 +45,14 @@ class IncrementalDetokenizer:
         self.text += new_text
         return self._find_stop(search_from) if check_stop else None
 
+    def flush(self) -> str:
+        """Final text: tokens held back as an incomplete character are decoded as they are."""
+        if self.stop_matched is None and self.read_offset < len(self.tokens):
+            prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+            self.text += self._decode(self.tokens[self.prefix_offset:])[len(prefix_text):]
+            self.read_offset = len(self.tokens)
+        return self.text
+
     def _find_stop(self, search_from: int) -> str | None:
         best = None
         for stop in self.stop:

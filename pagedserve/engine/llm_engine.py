@@ -296,6 +296,8 @@ class LLMEngine:
             elif stop is not None and request.status.is_finished:
                 request.finish_reason, request.stop_reason = FinishReason.STOP, stop
         if request.status.is_finished:
+            if detokenizer is not None:
+                completion.text = detokenizer.flush()
             completion.finish_reason = request.finish_reason.value
             completion.stop_reason = request.stop_reason
             tracked.num_finished += 1

@@ -109,7 +109,8 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash; free cached blocks become plain (in LRU order)."""
-        for block_id in list(self._hash_to_block.values()):
+        # Free cached blocks first, in their LRU order (the index's order is caching order).
+        for block_id in [*self._free_cached, *self._hash_to_block.values()]:
             self.uncache(block_id)
 
     def free_block_ids(self) -> list[int]:

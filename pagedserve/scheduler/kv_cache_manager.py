@@ -209,7 +209,8 @@ class KVCacheManager:
             for block_id in table:
                 references[block_id] += 1
         if references != self.pool.ref_counts:
-            bad = [i for i, (a, b) in enumerate(zip(references, self.pool.ref_counts)) if a != b]
+            pairs = enumerate(zip(references, self.pool.ref_counts, strict=True))
+            bad = [i for i, (a, b) in pairs if a != b]
             raise AssertionError(f"ref counts differ from table references at blocks {bad[:10]}")
         free = self.pool.free_block_ids()
         if len(free) != len(set(free)):

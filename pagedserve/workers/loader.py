@@ -108,6 +108,8 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
                                     f"{missing}")
         return files
     files = sorted(model_dir.glob("*.safetensors"))
+    # Mistral repositories ship the same weights again under Mistral's own names.
+    files = [f for f in files if not f.name.startswith("consolidated")] or files
     if not files:
         hint = " (only safetensors is supported, found .bin files)" if any(
             model_dir.glob("*.bin")) else ""

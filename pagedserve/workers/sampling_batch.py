@@ -15,6 +15,13 @@ import torch
 from pagedserve.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+# Below this, logits / temperature can overflow to inf (and inf - inf = NaN); such a temperature
+# is greedy for every practical purpose, so it is treated as 0.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 class SamplingRequest(NamedTuple):
@@ -62,7 +69,7 @@ class SamplingBatch:
     """
 
     vocab_size: int
-    temperature: torch.Tensor  # f32 [N]; 0 = greedy
+    temperature: torch.Tensor  # f32 [N]; 0 = greedy (also set for tiny temperatures)
     top_k: torch.Tensor | None  # int64 [N]; vocab_size = off
     top_p: torch.Tensor | None  # f32 [N]; 1 = off
     min_p: torch.Tensor | None  # f32 [N]; 0 = off
@@ -100,12 +107,13 @@ class SamplingBatch:
         def optional(values: list[float], off: float, dtype=torch.float32) -> torch.Tensor | None:
             return column(values, dtype) if any(v != off for v in values) else None
 
-        temperatures = [p.temperature for p in params]
+        greedy = [is_greedy(p) for p in params]
+        temperatures = [0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
         # Filters only matter for sampled rows (greedy rows take the argmax regardless), so
         # greedy rows get the "off" value and a greedy-only batch skips the filters entirely.
-        top_k = [p.top_k if p.top_k > 0 and not p.greedy else vocab_size for p in params]
-        top_p = [1.0 if p.greedy else p.top_p for p in params]
-        min_p = [0.0 if p.greedy else p.min_p for p in params]
+        top_k = [p.top_k if p.top_k > 0 and not is_greedy(p) else vocab_size for p in params]
+        top_p = [1.0 if is_greedy(p) else p.top_p for p in params]
+        min_p = [0.0 if is_greedy(p) else p.min_p for p in params]
         repetition = [p.repetition_penalty for p in params]
         presence = [p.presence_penalty for p in params]
         frequency = [p.frequency_penalty for p in params]
@@ -128,7 +136,7 @@ class SamplingBatch:
         generators: list[torch.Generator | None] = []
         for request in requests:
             generator, seed = request.generator, request.params.seed
-            if request.params.greedy:  # draws nothing, so must not advance a generator
+            if is_greedy(request.params):  # draws nothing, so must not advance a generator
                 generator = None
             elif generator is None and seed is not None:
                 generator = torch.Generator(device).manual_seed(
@@ -152,5 +160,5 @@ class SamplingBatch:
             logit_adjust=_adjustment_tensors(adjustments, device) if adjustments else None,
             generators=generators,
             max_num_logprobs=max(requested_logprobs) if requested_logprobs else None,
-            all_greedy=all(p.greedy for p in params),
+            all_greedy=all(greedy),
         )

@@ -68,6 +68,15 @@ def tiny_hf_model(config: PretrainedConfig, seed: int = 0, std: float = 0.15) ->
     return model.eval()
 
 
+@torch.no_grad()
+def hf_reference_logits(checkpoint: str | Path, sequences: dict[str, list[int]],
+                        device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Transformers' fp32 logits [len, vocab] of each whole token sequence, returned on CPU."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device)
+    return {key: model(torch.tensor([tokens], device=device)).logits[0].cpu()
+            for key, tokens in sequences.items()}
+
+
 def save_tiny_checkpoint(path: str | Path, variant: str = "llama", seed: int = 0,
                          max_shard_size: str | int | None = None, **overrides: Any) -> Path:
     """Save a tiny random checkpoint of `variant` into `path` and return the path.

@@ -187,7 +187,10 @@ def run_workload(specs: list[Spec], scheduler_config: SchedulerConfig, cache_con
         step += 1
     result.num_steps = step
     result.num_preemptions = scheduler.num_preemptions
+    parents = {spec.request_id for spec in specs if spec.params.n > 1}
     for request_id, request in seen.items():
+        if request_id in parents and request.finish_reason is None:
+            continue  # a parent with n > 1 handed its work to its children at the fork
         assert request.status is RequestStatus.FINISHED, request_id
         if request.finish_reason is not FinishReason.ABORT:
             result.outputs[request_id] = (list(request.output_token_ids), request.finish_reason)

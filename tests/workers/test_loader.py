@@ -98,6 +98,20 @@ def test_vocab_not_divisible_by_tp_is_padded(tmp_path):
     assert torch.equal(torch.cat([h.weight for h in heads])[:255], state["lm_head.weight"])
 
 
+def test_mistral_consolidated_file_is_ignored(tiny_checkpoint, tmp_path, caplog):
+    checkpoint = copy_checkpoint(tiny_checkpoint("mistral"), tmp_path / "ckpt")
+    save_file({"tok_embeddings.weight": torch.zeros(3)}, checkpoint / "consolidated.safetensors")
+    load_model(checkpoint, dtype="float32")
+    assert "tok_embeddings" not in caplog.text
+
+
+def test_unknown_checkpoint_tensors_are_reported(tiny_checkpoint, tmp_path, caplog):
+    checkpoint = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "ckpt")
+    save_file({"model.extra.weight": torch.zeros(3)}, checkpoint / "extra.safetensors")
+    load_model(checkpoint, dtype="float32")
+    assert "ignored 1 checkpoint tensors" in caplog.text and "model.extra.weight" in caplog.text
+
+
 @pytest.mark.parametrize(("requested", "expected"), [
     ("auto", torch.float32), ("bfloat16", torch.bfloat16), ("fp16", torch.float16),
     (torch.float32, torch.float32)])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from pagedserve.workers.loader import load_model
 from pagedserve.workers.model import MODEL_REGISTRY, model_class_for
 from tests.helpers.paged_runner import PagedRunner
-from tests.helpers.tiny_models import TINY_VARIANTS, tiny_config
+from tests.helpers.tiny_models import TINY_VARIANTS, hf_reference_logits, tiny_config
 
 TOLERANCE = 1e-4
 PROMPT_LENGTHS = {"a": 9, "b": 14, "c": 1}
@@ -24,13 +23,6 @@ def random_sequences(lengths: dict[str, int], seed: int = 0) -> dict[str, list[i
             for seq_id, length in lengths.items()}
 
 
-@torch.no_grad()
-def reference_logits(checkpoint, sequences: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    return {seq_id: hf_model(torch.tensor([tokens])).logits[0]
-            for seq_id, tokens in sequences.items()}
-
-
 def assert_close(ours: torch.Tensor, reference: torch.Tensor, where: str) -> None:
     diff = (ours - reference).abs().max().item()
     assert diff < TOLERANCE, f"{where}: max abs logit diff {diff:.3g}"
@@ -40,7 +32,7 @@ def assert_close(ours: torch.Tensor, reference: torch.Tensor, where: str) -> Non
 def test_flat_prefill_then_decode_matches_transformers(variant, tiny_checkpoint):
     checkpoint = tiny_checkpoint(variant)
     sequences = random_sequences(PROMPT_LENGTHS)
-    expected = reference_logits(checkpoint, sequences)
+    expected = hf_reference_logits(checkpoint, sequences)
     runner = PagedRunner(load_model(checkpoint, dtype="float32"))
 
     # All three prompts in one flat batch.
@@ -62,7 +54,7 @@ def test_flat_prefill_then_decode_matches_transformers(variant, tiny_checkpoint)
 def test_chunked_prefill_next_to_decode_matches_transformers(variant, tiny_checkpoint):
     checkpoint = tiny_checkpoint(variant)
     sequences = random_sequences({"long": 13, "short": 4}, seed=1)
-    expected = reference_logits(checkpoint, sequences)
+    expected = hf_reference_logits(checkpoint, sequences)
     runner = PagedRunner(load_model(checkpoint, dtype="float32"), block_size=4, seed=3)
     long, short = sequences["long"], sequences["short"]
 

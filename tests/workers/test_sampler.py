@@ -216,3 +216,9 @@ def test_bad_inputs_are_rejected():
         sample(torch.zeros(2, 49), make_batch([SamplingParams()] * 2))
     with pytest.raises(ValueError, match="must be < vocab size 50, got \\[50\\]"):
         make_batch([SamplingParams(logit_bias={50: 1.0})])
+
+
+def test_tiny_temperature_is_greedy():
+    logits = random_logits(4, seed=8) * 100
+    out = sample(logits, make_batch([SamplingParams(temperature=1e-9)] * 4), generator=seeded())
+    assert torch.equal(out.token_ids, logits.argmax(-1))

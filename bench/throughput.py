@@ -1,0 +1,269 @@
+"""Offline throughput on one GPU: pagedserve vs Hugging Face transformers, with the floor.
+
+Workloads (seeded): N requests of fixed input/output lengths (default 256 x 512 -> 128) and a
+ShareGPT-like length mix. Peers, in the same run and on the same random bf16 weights shape:
+transformers `generate` with static batches, and transformers `generate_batch` (continuous
+batching; every output's `.error` is checked). The floor is prefill FLOPs at the measured bf16
+matmul rate plus decode bytes (weights + KV read each step) at the measured copy bandwidth.
+
+    python bench/throughput.py --json out/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pagedserve import LLM, SamplingParams  # noqa: E402
+from pagedserve.workers.loader import llama_8b_config  # noqa: E402
+
+logger = logging.getLogger("bench.throughput")
+
+
+def measure_ceilings(device: torch.device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
+    from triton.testing import do_bench
+
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device=device)  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    bandwidth = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    mm_ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    rate = 2 * 8192**3 / (mm_ms * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    return bandwidth, rate
+
+
+def model_numbers(config) -> dict[str, float]:
+    """Matmul parameters per token, bytes of weights, KV bytes per token (bf16)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = hidden // config.num_attention_heads
+    kv_dim = config.num_key_value_heads * head_dim
+    per_layer = hidden * (hidden + 2 * kv_dim) + hidden * hidden + 3 * hidden * \
+        config.intermediate_size
+    body = layers * per_layer
+    lm_head = hidden * config.vocab_size
+    weights_bytes = 2 * (body + 2 * lm_head + layers * 2 * hidden)
+    return {"body_params": body, "lm_head_params": lm_head, "weights_bytes": weights_bytes,
+            "kv_bytes_per_token": 2 * 2 * layers * kv_dim, "layers": layers, "hidden": hidden}
+
+
+def floor_seconds(lengths: list[tuple[int, int]], numbers: dict[str, float], bandwidth: float,
+                  rate: float) -> float:
+    """Prefill FLOPs / matmul rate + sum over decode steps of bytes moved / copy bandwidth.
+
+    All requests decode together (the most favourable batching): step s reads the weights once
+    and the KV of every request still running. Attention FLOPs of prefill are counted (causal).
+    """
+    prefill_flops = 0.0
+    for prompt, _ in lengths:
+        prefill_flops += 2 * numbers["body_params"] * prompt + 2 * numbers["lm_head_params"]
+        prefill_flops += 2 * numbers["layers"] * numbers["hidden"] * prompt * prompt  # QK^T + PV
+    decode_bytes = 0.0
+    max_output = max(output for _, output in lengths)
+    for step in range(1, max_output):
+        live = [(p, o) for p, o in lengths if o > step]
+        if not live:
+            break
+        kv_tokens = sum(p + step for p, _ in live)
+        decode_bytes += numbers["weights_bytes"] + kv_tokens * numbers["kv_bytes_per_token"]
+    return prefill_flops / rate + decode_bytes / bandwidth
+
+
+def fixed_workload(num: int, prompt_len: int, output_len: int, vocab: int,
+                   seed: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, vocab - 10) for _ in range(prompt_len)] for _ in range(num)]
+    return prompts, [output_len] * num
+
+
+def sharegpt_workload(num: int, vocab: int, seed: int,
+                      max_len: int = 2048) -> tuple[list[list[int]], list[int]]:
+    """Lognormal lengths with ShareGPT's means (about 161 in, 338 out) and a long tail."""
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for _ in range(num):
+        prompt_len = min(max(4, int(rng.lognormvariate(math.log(161) - 0.72, 1.2))), 1024)
+        output_len = min(max(4, int(rng.lognormvariate(math.log(338) - 0.405, 0.9))),
+                         max_len - prompt_len)
+        prompts.append([rng.randrange(10, vocab - 10) for _ in range(prompt_len)])
+        outputs.append(output_len)
+    return prompts, outputs
+
+
+def run_pagedserve(model_dir: str, prompts, outputs, max_num_seqs: int,
+                   max_num_batched_tokens: int) -> dict:
+    llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", device="cuda",
+              max_model_len=2048, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
+    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # compile kernels, warm caches
+    results = {}
+    for name, count in (("full", len(prompts)),):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        done = llm.generate(prompts[:count], params[:count], use_tqdm=False)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in done)
+        results[name] = {"seconds": elapsed, "output_tokens": tokens,
+                         "output_tok_s": tokens / elapsed}
+    info = {"num_gpu_blocks": llm.engine.scheduler.kv.pool.num_blocks,
+            "preemptions": llm.engine.scheduler.num_preemptions}
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {**results["full"], **info}
+
+
+def hf_model(config, device):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+@torch.inference_mode()
+def run_hf_static(model, prompts, outputs, batch_size: int) -> dict:
+    """Static batches of similar lengths (sorted), left-padded; each batch runs to its longest."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    warm = torch.tensor([prompts[0][:16]] * 2, device=device)
+    model.generate(warm, max_new_tokens=4, do_sample=False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    useful = 0
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        pad = 0
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch],
+                           device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i])
+                             for i in batch], device=device)
+        new = max(outputs[i] for i in batch)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=pad)
+        assert out.shape[1] == width + new, "static batch stopped early"
+        useful += sum(outputs[i] for i in batch)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "output_tokens": useful, "output_tok_s": useful / elapsed,
+            "batch_size": batch_size}
+
+
+@torch.inference_mode()
+def run_hf_generate_batch(model, prompts, outputs) -> dict:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        results = model.generate_batch(inputs=prompts, generation_config=config)
+    except Exception as error:  # the peer's failure is a result to report, not a crash
+        return {"error": f"{type(error).__name__}: {error}"}
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    errors = [r.error for r in results.values() if r.error]
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed,
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "num_results": len(results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-sharegpt", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
+                                                       "throughput.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    device = torch.device("cuda")
+    config = llama_8b_config()
+    bandwidth, rate = measure_ceilings(device)
+    numbers = model_numbers(config)
+    workloads = {"fixed": fixed_workload(args.num_requests, args.input_len, args.output_len,
+                                         config.vocab_size, args.seed)}
+    if not args.skip_sharegpt:
+        workloads["sharegpt"] = sharegpt_workload(args.num_requests, config.vocab_size,
+                                                  args.seed)
+    report = {"device": torch.cuda.get_device_name(device), "copy_bandwidth_tb_s": bandwidth / 1e12,
+              "matmul_tflop_s": rate / 1e12, "model": "llama-3-8b shape, random bf16",
+              "workloads": {}}
+    with tempfile.TemporaryDirectory() as model_dir:
+        config.save_pretrained(model_dir)
+        for name, (prompts, outputs) in workloads.items():
+            floor = floor_seconds(list(zip(map(len, prompts), outputs, strict=True)), numbers,
+                                  bandwidth, rate)
+            total = sum(outputs)
+            entry = {"num_requests": len(prompts), "prompt_tokens": sum(map(len, prompts)),
+                     "output_tokens": total,
+                     "floor": {"seconds": floor, "output_tok_s": total / floor}}
+            logger.info("%s: pagedserve", name)
+            entry["pagedserve"] = run_pagedserve(model_dir, prompts, outputs, args.max_num_seqs,
+                                                 args.max_num_batched_tokens)
+            report["workloads"][name] = entry
+    if not args.skip_hf:
+        model = hf_model(config, device)
+        for name, (prompts, outputs) in workloads.items():
+            entry = report["workloads"][name]
+            logger.info("%s: transformers static", name)
+            entry["hf_static"] = run_hf_static(model, prompts, outputs, args.hf_batch)
+            logger.info("%s: transformers generate_batch", name)
+            entry["hf_generate_batch"] = run_hf_generate_batch(model, prompts, outputs)
+        del model
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\ndevice: {report['device']}  copy {report['copy_bandwidth_tb_s']:.2f} TB/s  "
+          f"bf16 matmul {report['matmul_tflop_s']:.0f} TFLOP/s  ({report['model']})")
+    print(f"{'workload':<10}{'system':<22}{'seconds':>9}{'out tok/s':>11}{'vs floor':>10}"
+          f"{'pagedserve x':>14}")
+    for name, entry in report["workloads"].items():
+        floor_rate = entry["floor"]["output_tok_s"]
+        ours = entry["pagedserve"]["output_tok_s"]
+        for system in ("floor", "pagedserve", "hf_static", "hf_generate_batch"):
+            result = entry.get(system)
+            if result is None:
+                continue
+            if "error" in result:
+                print(f"{name:<10}{system:<22}  error: {result['error'][:60]}")
+                continue
+            rate = result["output_tok_s"]
+            print(f"{name:<10}{system:<22}{result['seconds']:>9.2f}{rate:>11.0f}"
+                  f"{rate / floor_rate:>10.2f}{ours / rate:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Property tests over random request streams: invariants after every step, no leaks, and every
+request that ends normally produces exactly its reference token stream."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sched_harness import Spec, check_step, expected_outputs, run_workload
+
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
+from pagedserve.scheduler.request import Request
+from pagedserve.scheduler.scheduler import Scheduler
+
+BLOCK_SIZE = 4
+MAX_MODEL_LEN = 32
+PREFIXES = [[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9], [21, 22, 23, 24, 25, 26, 27, 28]]
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def request_specs(draw, index: int) -> Spec:
+    prefix = draw(st.sampled_from(PREFIXES))
+    tail = draw(st.lists(st.integers(0, 60), min_size=0 if prefix else 1, max_size=12))
+    prompt = (prefix + tail)[:MAX_MODEL_LEN - 2]
+    params = SamplingParams(
+        n=draw(st.sampled_from([1, 1, 1, 2, 3])),
+        max_tokens=draw(st.one_of(st.none(), st.integers(1, 12))),
+        seed=draw(st.integers(0, 1000)),
+        ignore_eos=draw(st.booleans()),
+    )
+    return Spec(
+        request_id=f"r{index}",
+        prompt=prompt,
+        params=params,
+        arrival_step=draw(st.integers(0, 12)),
+        eos=draw(st.sampled_from([None, 0, 5])),
+        priority=draw(st.integers(0, 2)),
+        cache_salt=draw(st.sampled_from([None, None, "tenant"])),
+        abort_step=draw(st.one_of(st.none(), st.none(), st.integers(0, 25))),
+    )
+
+
+@st.composite
+def workloads(draw):
+    count = draw(st.integers(1, 7))
+    specs = [draw(request_specs(i)) for i in range(count)]
+    mode = draw(st.sampled_from(["recompute", "swap"]))
+    # Every single sequence must fit in the pool (else it ends early by design, LENGTH).
+    num_gpu_blocks = draw(st.integers(MAX_MODEL_LEN // BLOCK_SIZE, 40))
+    sched = SchedulerConfig(
+        max_num_batched_tokens=draw(st.integers(1, 40)),
+        max_num_seqs=draw(st.integers(1, 8)),
+        max_model_len=MAX_MODEL_LEN,
+        long_prefill_token_threshold=draw(st.sampled_from([0, 0, 3, 7])),
+        preemption_mode=mode,
+        policy=draw(st.sampled_from(["fcfs", "priority"])),
+        watermark=draw(st.sampled_from([0.0, 0.0, 0.05, 0.1, 0.25, 0.5])),
+    )
+    cache = CacheConfig(
+        block_size=BLOCK_SIZE,
+        num_gpu_blocks=num_gpu_blocks,
+        num_cpu_blocks=draw(st.integers(1, 30)) if mode == "swap" else 0,
+        enable_prefix_caching=draw(st.booleans()),
+    )
+    return specs, sched, cache
+
+
+@SETTINGS
+@given(workloads())
+def test_random_streams_keep_invariants_and_match_reference(workload):
+    specs, sched, cache = workload
+    # run_workload checks invariants after every schedule() and update(), checks that every
+    # request ends within max_steps, and that all GPU and CPU blocks are free at the end.
+    result = run_workload(specs, sched, cache, max_steps=3000)
+    expected = expected_outputs(specs, MAX_MODEL_LEN)
+    for request_id, output in result.outputs.items():
+        assert output == expected[request_id], request_id
+    never_aborted = {s.request_id for s in specs if s.abort_step is None}
+    for request_id, output in expected.items():
+        if request_id.split("/")[0] in never_aborted:
+            assert result.outputs[request_id] == output
+
+
+@SETTINGS
+@given(workloads(), st.data())
+def test_random_aborts_between_schedule_and_update_return_every_block(workload, data):
+    """Abort random requests at random points (also between schedule() and update())."""
+    specs, sched, cache = workload
+    scheduler = Scheduler(sched, cache)
+    for spec in specs:
+        scheduler.add_request(Request(spec.request_id, list(spec.prompt), spec.params,
+                                      eos_token_id=spec.eos, priority=spec.priority,
+                                      cache_salt=spec.cache_salt))
+    ids = [spec.request_id for spec in specs]
+    for _step in range(200):
+        if not scheduler.has_unfinished():
+            break
+        out = scheduler.schedule()
+        check_step(scheduler, out)
+        if data.draw(st.booleans()):
+            victim = data.draw(st.sampled_from(ids + sorted(scheduler.requests)))
+            scheduler.abort_request(victim)
+            check_step(scheduler, out)
+        sampled = {item.request_id: (item.start_position * 7 + 3) % 61
+                   for item in out.scheduled if item.sample}
+        scheduler.update(out, sampled)
+        check_step(scheduler, out)
+    for request_id in ids:
+        scheduler.abort_request(request_id)
+    assert not scheduler.has_unfinished()
+    assert scheduler.running == [] and len(scheduler.waiting) == 0 and not scheduler.swapped
+    assert scheduler.kv.num_free_blocks == cache.num_gpu_blocks
+    if scheduler.kv.cpu_pool is not None:
+        assert scheduler.kv.cpu_pool.num_free_blocks == cache.num_cpu_blocks
+    scheduler.kv.check_invariants()
