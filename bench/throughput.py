@@ -33,20 +33,27 @@ from pagedserve.workers.loader import llama_8b_config  # noqa: E402
 logger = logging.getLogger("bench.throughput")
 
 
-def measure_ceilings(device: torch.device) -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
+def _copy_bandwidth(device: torch.device) -> float:
     from triton.testing import do_bench
 
     src = torch.randn(1 << 30, dtype=torch.bfloat16, device=device)  # 2 GiB
     dst = torch.empty_like(src)
     copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    bandwidth = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
-    del src, dst
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    return 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
+
+
+def _matmul_rate(device: torch.device, size: int = 8192) -> float:
+    from triton.testing import do_bench
+
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     mm_ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    rate = 2 * 8192**3 / (mm_ms * 1e-3)
-    del a, b
+    return 2 * size**3 / (mm_ms * 1e-3)
+
+
+def measure_ceilings(device: torch.device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
+    bandwidth, rate = _copy_bandwidth(device), _matmul_rate(device)
     torch.cuda.empty_cache()
     return bandwidth, rate
 
