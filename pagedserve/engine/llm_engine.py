@@ -80,6 +80,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
+        if config.tensor_parallel_size != 1:
+            raise ValueError("EngineConfig.tensor_parallel_size must be 1 for the in-process "
+                             f"engine, got {config.tensor_parallel_size}; tensor parallelism "
+                             "runs through the Ray cluster's worker actors")
         self.device = _resolve_device(config.device)
         model_dir = config.model or ensure_default_model()
         self.hf_config = load_config(model_dir)
