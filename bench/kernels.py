@@ -165,8 +165,25 @@ class PagedProblem:
 
 
 def time_rotating(fn, sets, quick) -> float:
+    """Eager time per call (host launch overhead included when the GPU outruns the host)."""
     rotation = Rotation(sets)
     return bench_ms(lambda: fn(rotation.next()), quick)
+
+
+def time_graph(fn, sets, quick) -> float:
+    """Device time per call: one CUDA graph holding one call per input set, replayed (decode
+    runs under CUDA graphs in the server, so this is the time that matters there)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for index in range(sets):
+            fn(index)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for index in range(sets):
+            fn(index)
+    return bench_ms(graph.replay, quick) / sets
 
 
 def pick_sdpa_backend(problem):
@@ -216,7 +233,7 @@ def time_flex(problem, quick):
 
 
 def sets_for(kv_bytes: int) -> int:
-    return max(1, min(8, math.ceil(L2_FLUSH_BYTES / max(kv_bytes, 1))))
+    return max(1, min(64, math.ceil(L2_FLUSH_BYTES / max(kv_bytes, 1))))
 
 
 def check_correctness(results):
@@ -266,20 +283,17 @@ def _tune_decode_point(results, name, batch, ctx):
 
     def try_config(config):
         try:
-            ms = time_rotating(lambda i: problem.paged(i, config), problem.sets, True)
+            ms = time_graph(lambda i: problem.paged(i, config), problem.sets, True)
         except Exception as error:  # e.g. out of shared memory
             rows.append(dict(config=config.__dict__, error=str(error)[:120]))
             return
         rows.append(dict(config=config.__dict__, ms=ms, floor_pct=100 * floor_ms / ms))
 
-    # Tiles first (with and without the default split), then splits for the best tile.
-    for block_n, warps, stages, splits in itertools.product(
-        (64, 128), (2, 4), (2, 3, 4), sorted({1, default.num_kv_splits})
+    for (warps, stages), splits in itertools.product(
+        ((2, 2), (4, 2), (4, 3)), sorted({1, 2, 3, 4, 6, 8, 12, 16, 32, default.num_kv_splits})
     ):
-        try_config(AttentionConfig(default.block_q, block_n, splits, warps, stages))
-    best_tile = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])["config"]
-    for splits in (1, 2, 3, 4, 6, 8, 16):
-        try_config(AttentionConfig(**{**best_tile, "num_kv_splits": splits}))
+        if splits <= max(1, ctx // 256):
+            try_config(AttentionConfig(default.block_q, 64, splits, warps, stages))
     rows.sort(key=lambda row: row.get("ms", 1e9))
     results["tune"].append(
         dict(
@@ -301,9 +315,7 @@ def _tune_prefill(results, name):
     problem = PagedProblem(heads, 4, 2048, 2048, 16, 1, with_dense=False)
     rows = []
     group_pad = triton.next_power_of_2(heads[0] // heads[1])
-    for block_m, block_n, warps, stages in itertools.product(
-        (64, 128), (64, 128), (4, 8), (2, 3)
-    ):
+    for block_m, block_n, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
         config = AttentionConfig(block_m // group_pad, block_n, 1, warps, stages)
         try:
             ms = bench_ms(lambda c=config: problem.paged(0, c), True)
@@ -337,10 +349,9 @@ def _decode_point(results, name, block_size, batch, ctx, flex_points, quick):
     row["rel_error_vs_sdpa"] = relative_error(problem.paged(0), expected)
     if row["rel_error_vs_sdpa"] > 2e-2:
         raise SystemExit(f"decode mismatch vs SDPA: {row}")
-    row["paged_us"] = 1e3 * time_rotating(problem.paged, problem.sets, quick)
-    row["sdpa_us"] = 1e3 * time_rotating(
-        lambda i, b=backend: problem.sdpa(i, b), problem.sets, quick
-    )
+    row["paged_us"] = 1e3 * time_graph(problem.paged, problem.sets, quick)
+    row["sdpa_us"] = 1e3 * time_graph(lambda i, b=backend: problem.sdpa(i, b), problem.sets, quick)
+    row["paged_eager_us"] = 1e3 * time_rotating(problem.paged, problem.sets, quick)
     floor_us = kv_bytes / results["copy_bandwidth"] * 1e6
     row["floor_us"] = floor_us
     row["paged_pct_of_copy_bw"] = 100 * floor_us / row["paged_us"]
@@ -401,9 +412,12 @@ def _prefill_point(results, name, batch, quick):
 def tune(results, quick):
     """Sweep launch configurations at representative decode and prefill points."""
     decode_points = [
-        ("llama3-8b", 64, 4096),
+        ("llama3-8b", 1, 32768),
         ("llama3-8b", 8, 8192),
+        ("llama3-8b", 32, 4096),
+        ("llama3-70b-tp2", 8, 16384),
         ("llama3-70b-tp2", 32, 4096),
+        ("llama3-70b-tp2", 64, 4096),
     ]
     for name, batch, ctx in decode_points:
         _tune_decode_point(results, name, batch, ctx)
@@ -435,10 +449,13 @@ def print_tables(results):
         f"\ndevice: {results['device']}, copy bandwidth {results['copy_bandwidth'] / 1e12:.2f}"
         " TB/s (read + write)"
     )
-    print("\nDECODE (bf16, us, median)   %bw = K/V bytes / copy bandwidth / time")
+    print(
+        "\nDECODE (bf16, us per call, median of CUDA-graph replays; %bw = K/V bytes / copy "
+        "bandwidth / time; eager = paged without a graph, host launch overhead included)"
+    )
     print(
         f"{'shape':15s} {'bs':>3s} {'batch':>5s} {'ctx':>6s} {'paged':>9s} {'%bw':>6s} "
-        f"{'sdpa':>9s} {'%bw':>6s} {'paged/sdpa':>10s} {'flex':>9s}"
+        f"{'sdpa':>9s} {'%bw':>6s} {'paged/sdpa':>10s} {'eager':>9s} {'flex eager':>10s}"
     )
     for row in results["decode"]:
         flex = (
@@ -449,7 +466,8 @@ def print_tables(results):
         print(
             f"{row['shape']:15s} {row['block_size']:3d} {row['batch']:5d} {row['ctx']:6d} "
             f"{row['paged_us']:9.1f} {row['paged_pct_of_copy_bw']:6.1f} {row['sdpa_us']:9.1f} "
-            f"{row['sdpa_pct_of_copy_bw']:6.1f} {row['paged_over_sdpa']:10.3f} {flex:>9s}"
+            f"{row['sdpa_pct_of_copy_bw']:6.1f} {row['paged_over_sdpa']:10.3f} "
+            f"{row['paged_eager_us']:9.1f} {flex:>10s}"
         )
     print("\nPREFILL (bf16, 2048-token prompts, block 16)")
     print(

@@ -98,15 +98,18 @@ class LengthModel:
 
     def draw(self, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
         """(prompt length, output length) pairs, clipped so prompt + output <= MAX_MODEL_LEN."""
-        prompts = _fitted_lognormal(rng.standard_normal(count), self.sigma_input,
-                                    self.mean_input, MAX_MODEL_LEN - MIN_LEN)
-        outputs = _fitted_lognormal(rng.standard_normal(count), self.sigma_output,
-                                    self.mean_output, MAX_MODEL_LEN - prompts)
+        prompts = _fitted_lognormal(
+            rng.standard_normal(count), self.sigma_input, self.mean_input, MAX_MODEL_LEN - MIN_LEN
+        )
+        outputs = _fitted_lognormal(
+            rng.standard_normal(count), self.sigma_output, self.mean_output, MAX_MODEL_LEN - prompts
+        )
         return list(zip(prompts.tolist(), outputs.tolist(), strict=True))
 
 
-def _fitted_lognormal(normals: np.ndarray, sigma: float, target_mean: float,
-                      upper: int | np.ndarray) -> np.ndarray:
+def _fitted_lognormal(
+    normals: np.ndarray, sigma: float, target_mean: float, upper: int | np.ndarray
+) -> np.ndarray:
     """Lengths exp(mu + sigma * normals), rounded and clipped to [MIN_LEN, upper], with mu fitted
     so that the sample mean after clipping equals target_mean.
 
@@ -164,14 +167,25 @@ class AllocatorRun:
     preemptions: int
 
 
-def make_scheduler(block_size: int, num_blocks: int, *, max_num_seqs: int = MAX_NUM_SEQS,
-                   max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
-                   enable_prefix_caching: bool = True) -> Scheduler:
+def make_scheduler(
+    block_size: int,
+    num_blocks: int,
+    *,
+    max_num_seqs: int = MAX_NUM_SEQS,
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
+    enable_prefix_caching: bool = True,
+) -> Scheduler:
     return Scheduler(
-        SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                        max_model_len=MAX_MODEL_LEN),
-        CacheConfig(block_size=block_size, num_gpu_blocks=num_blocks,
-                    enable_prefix_caching=enable_prefix_caching),
+        SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=MAX_MODEL_LEN,
+        ),
+        CacheConfig(
+            block_size=block_size,
+            num_gpu_blocks=num_blocks,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
     )
 
 
@@ -187,12 +201,18 @@ def step_fake_model(scheduler: Scheduler) -> int:
 
 def run_paged(trace: Trace, block_size: int, num_blocks: int) -> AllocatorRun:
     scheduler = make_scheduler(block_size, num_blocks)
-    for index, (prompt, (_, output_len)) in enumerate(zip(trace.prompts, trace.lengths,
-                                                          strict=True)):
+    for index, (prompt, (_, output_len)) in enumerate(
+        zip(trace.prompts, trace.lengths, strict=True)
+    ):
         # Distinct arrival times keep the newest-first victim policy deterministic.
-        scheduler.add_request(Request(
-            f"req-{index}", prompt, SamplingParams(max_tokens=output_len, ignore_eos=True),
-            arrival_time=float(index)))
+        scheduler.add_request(
+            Request(
+                f"req-{index}",
+                prompt,
+                SamplingParams(max_tokens=output_len, ignore_eos=True),
+                arrival_time=float(index),
+            )
+        )
     pool = scheduler.kv.pool
     stored_token_steps = allocated_slot_steps = running_steps = steps = generated = 0
     while scheduler.has_unfinished():
@@ -209,9 +229,16 @@ def run_paged(trace: Trace, block_size: int, num_blocks: int) -> AllocatorRun:
     scheduler.kv.check_invariants()
     if pool.num_free_blocks != pool.num_blocks:
         raise RuntimeError("blocks leaked after every request finished")
-    return AllocatorRun("paged", block_size, num_blocks,
-                        stored_token_steps / allocated_slot_steps, running_steps / steps, steps,
-                        generated / steps, scheduler.num_preemptions)
+    return AllocatorRun(
+        "paged",
+        block_size,
+        num_blocks,
+        stored_token_steps / allocated_slot_steps,
+        running_steps / steps,
+        steps,
+        generated / steps,
+        scheduler.num_preemptions,
+    )
 
 
 class ContiguousSequence:
@@ -237,8 +264,9 @@ class ContiguousSequence:
         return chunk
 
 
-def run_contiguous(trace: Trace, name: str, capacity_slots: int,
-                   reservation: Callable[[int, int], int]) -> AllocatorRun:
+def run_contiguous(
+    trace: Trace, name: str, capacity_slots: int, reservation: Callable[[int, int], int]
+) -> AllocatorRun:
     """Simulate a per-request contiguous KV buffer with the scheduler's step rules.
 
     A reservation never grows, so nothing is ever preempted; admission is FCFS while the
@@ -278,9 +306,16 @@ def run_contiguous(trace: Trace, name: str, capacity_slots: int,
         if finished:
             reserved_slots -= sum(seq.reserved for seq in finished)
             running = [seq for seq in running if seq.generated < seq.output_len]
-    return AllocatorRun(name, HEADLINE_BLOCK_SIZE, capacity_slots // HEADLINE_BLOCK_SIZE,
-                        stored_token_steps / reserved_slot_steps, running_steps / steps, steps,
-                        generated / steps, 0)
+    return AllocatorRun(
+        name,
+        HEADLINE_BLOCK_SIZE,
+        capacity_slots // HEADLINE_BLOCK_SIZE,
+        stored_token_steps / reserved_slot_steps,
+        running_steps / steps,
+        steps,
+        generated / steps,
+        0,
+    )
 
 
 def memory_size_sweep(trace: Trace) -> list[AllocatorRun]:
@@ -292,8 +327,7 @@ def memory_size_sweep(trace: Trace) -> list[AllocatorRun]:
     for num_blocks in tqdm(MEMORY_SIZES_BLOCKS, desc="memory sizes", unit="size"):
         runs.append(run_paged(trace, HEADLINE_BLOCK_SIZE, num_blocks))
         for name, reservation in contiguous.items():
-            runs.append(run_contiguous(trace, name, num_blocks * HEADLINE_BLOCK_SIZE,
-                                       reservation))
+            runs.append(run_contiguous(trace, name, num_blocks * HEADLINE_BLOCK_SIZE, reservation))
     return runs
 
 
@@ -329,24 +363,34 @@ def parallel_sampling_saving(trace: Trace, n: int) -> dict[str, float]:
     budget = sum(p for p, _ in trace.lengths) * n
     results = {}
     for sharing in (True, False):
-        scheduler = make_scheduler(HEADLINE_BLOCK_SIZE, num_blocks, max_num_seqs=num_seqs,
-                                   max_num_batched_tokens=budget, enable_prefix_caching=sharing)
-        for index, (prompt, (_, output_len)) in enumerate(zip(trace.prompts, trace.lengths,
-                                                              strict=True)):
+        scheduler = make_scheduler(
+            HEADLINE_BLOCK_SIZE,
+            num_blocks,
+            max_num_seqs=num_seqs,
+            max_num_batched_tokens=budget,
+            enable_prefix_caching=sharing,
+        )
+        for index, (prompt, (_, output_len)) in enumerate(
+            zip(trace.prompts, trace.lengths, strict=True)
+        ):
             if sharing:
                 params = SamplingParams(n=n, max_tokens=output_len, ignore_eos=True)
-                scheduler.add_request(Request(f"req-{index}", prompt, params,
-                                              arrival_time=float(index)))
+                scheduler.add_request(
+                    Request(f"req-{index}", prompt, params, arrival_time=float(index))
+                )
             else:
                 params = SamplingParams(max_tokens=output_len, ignore_eos=True)
                 for sample in range(n):
-                    scheduler.add_request(Request(f"req-{index}-{sample}", prompt, params,
-                                                  arrival_time=float(index)))
+                    scheduler.add_request(
+                        Request(f"req-{index}-{sample}", prompt, params, arrival_time=float(index))
+                    )
         results[sharing] = block_steps_of(scheduler)
         if scheduler.num_preemptions:
             raise RuntimeError("parallel sampling run preempted; the pool is too small")
     (shared_block_steps, shared_steps), (unshared_block_steps, unshared_steps) = (
-        results[True], results[False])
+        results[True],
+        results[False],
+    )
     return {
         "n": n,
         "mean_blocks_shared": shared_block_steps / shared_steps,
@@ -358,8 +402,11 @@ def parallel_sampling_saving(trace: Trace, n: int) -> dict[str, float]:
 def beam_search_saving(trace: Trace, width: int, rng: np.random.Generator) -> dict[str, float]:
     """Emulated beam search with fork/free on KVCacheManager; blocks held vs. no sharing."""
     block_size = HEADLINE_BLOCK_SIZE
-    kv = KVCacheManager(block_size, num_gpu_blocks=width * MAX_MODEL_LEN // block_size + width,
-                        enable_prefix_caching=False)
+    kv = KVCacheManager(
+        block_size,
+        num_gpu_blocks=width * MAX_MODEL_LEN // block_size + width,
+        enable_prefix_caching=False,
+    )
     pool = kv.pool
     shared_block_steps = unshared_block_steps = 0
     for index, (prompt_len, output_len) in enumerate(trace.lengths):
@@ -380,8 +427,11 @@ def beam_search_saving(trace: Trace, width: int, rng: np.random.Generator) -> di
             children = []
             for rank, candidate in enumerate(survivors.tolist()):
                 parent = beams[candidate // width]
-                child = Request(f"beam-{index}-{step}-{rank}", parent.prompt_token_ids,
-                                num_computed_tokens=parent.num_computed_tokens)
+                child = Request(
+                    f"beam-{index}-{step}-{rank}",
+                    parent.prompt_token_ids,
+                    num_computed_tokens=parent.num_computed_tokens,
+                )
                 kv.fork(parent.request_id, child.request_id)
                 children.append(child)
             for beam in beams:
@@ -392,8 +442,9 @@ def beam_search_saving(trace: Trace, width: int, rng: np.random.Generator) -> di
                 child.num_computed_tokens += 1
             beams = children
             shared_block_steps += pool.num_blocks - pool.num_free_blocks
-            unshared_block_steps += sum(-(-beam.num_computed_tokens // block_size)
-                                        for beam in beams)
+            unshared_block_steps += sum(
+                -(-beam.num_computed_tokens // block_size) for beam in beams
+            )
         for beam in beams:
             kv.free(beam.request_id)
     kv.check_invariants()
@@ -409,15 +460,23 @@ def beam_search_saving(trace: Trace, width: int, rng: np.random.Generator) -> di
 def scheduler_step_cost(num_running: int, rng: np.random.Generator) -> dict[str, float]:
     """Wall time of schedule() + update() with `num_running` sequences all decoding."""
     blocks_per_seq = -(-MAX_MODEL_LEN // HEADLINE_BLOCK_SIZE)
-    scheduler = make_scheduler(HEADLINE_BLOCK_SIZE, num_running * blocks_per_seq,
-                               max_num_seqs=num_running,
-                               max_num_batched_tokens=max(MAX_NUM_BATCHED_TOKENS, num_running))
+    scheduler = make_scheduler(
+        HEADLINE_BLOCK_SIZE,
+        num_running * blocks_per_seq,
+        max_num_seqs=num_running,
+        max_num_batched_tokens=max(MAX_NUM_BATCHED_TOKENS, num_running),
+    )
     max_tokens = DECODE_WARMUP_STEPS + DECODE_TIMED_STEPS + num_running
     for index in range(num_running):
         prompt = rng.integers(0, VOCAB_SIZE, DECODE_PROMPT_LEN).tolist()
-        scheduler.add_request(Request(f"decode-{index}", prompt,
-                                      SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                                      arrival_time=float(index)))
+        scheduler.add_request(
+            Request(
+                f"decode-{index}",
+                prompt,
+                SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                arrival_time=float(index),
+            )
+        )
     # Warm up until every prompt is prefilled, then a few more steps of pure decode.
     while scheduler.waiting or any(r.num_output_tokens == 0 for r in scheduler.running):
         step_fake_model(scheduler)
@@ -455,38 +514,81 @@ def format_table(title: str, headers: list[str], rows: list[list[object]]) -> st
 def render(report: dict) -> str:
     workload = report["workload"]
     sections = [
-        "Workload: " + "; ".join(
+        "Workload: "
+        + "; ".join(
             f"{name} n={s['num_requests']} in mean {s['mean_input']:.1f} (median "
             f"{s['median_input']:.0f}) out mean {s['mean_output']:.1f} (median "
-            f"{s['median_output']:.0f})" for name, s in workload.items()),
+            f"{s['median_output']:.0f})"
+            for name, s in workload.items()
+        ),
         format_table(
             f"KV memory sizes (block {HEADLINE_BLOCK_SIZE}; memory = blocks x "
             f"{HEADLINE_BLOCK_SIZE} token slots)",
             ["blocks", "allocator", "useful", "running", "steps", "out tok/step", "preempt"],
-            [[r["num_blocks"], r["allocator"], r["useful_fraction"], r["mean_running"],
-              r["steps"], r["output_tokens_per_step"], r["preemptions"]]
-             for r in report["memory_sizes"]]),
+            [
+                [
+                    r["num_blocks"],
+                    r["allocator"],
+                    r["useful_fraction"],
+                    r["mean_running"],
+                    r["steps"],
+                    r["output_tokens_per_step"],
+                    r["preemptions"],
+                ]
+                for r in report["memory_sizes"]
+            ],
+        ),
         format_table(
             f"Paged block size at {HEADLINE_NUM_BLOCKS * HEADLINE_BLOCK_SIZE} token slots",
             ["block", "blocks", "useful", "running", "steps", "out tok/step", "preempt"],
-            [[r["block_size"], r["num_blocks"], r["useful_fraction"], r["mean_running"],
-              r["steps"], r["output_tokens_per_step"], r["preemptions"]]
-             for r in report["block_sizes"]]),
+            [
+                [
+                    r["block_size"],
+                    r["num_blocks"],
+                    r["useful_fraction"],
+                    r["mean_running"],
+                    r["steps"],
+                    r["output_tokens_per_step"],
+                    r["preemptions"],
+                ]
+                for r in report["block_sizes"]
+            ],
+        ),
         format_table(
             "Parallel sampling (scheduler, n samples share the prompt) vs n independent requests",
             ["trace", "n", "blocks shared", "blocks unshared", "saving %"],
-            [[r["trace"], r["n"], r["mean_blocks_shared"], r["mean_blocks_unshared"],
-              f"{100 * r['saving']:.1f}"] for r in report["parallel_sampling"]]),
+            [
+                [
+                    r["trace"],
+                    r["n"],
+                    r["mean_blocks_shared"],
+                    r["mean_blocks_unshared"],
+                    f"{100 * r['saving']:.1f}",
+                ]
+                for r in report["parallel_sampling"]
+            ],
+        ),
         format_table(
             "Beam search emulation (alpaca, KVCacheManager.fork) vs no sharing",
             ["width", "blocks shared", "blocks unshared", "saving %"],
-            [[r["width"], r["mean_blocks_shared"], r["mean_blocks_unshared"],
-              f"{100 * r['saving']:.1f}"] for r in report["beam_search"]]),
+            [
+                [
+                    r["width"],
+                    r["mean_blocks_shared"],
+                    r["mean_blocks_unshared"],
+                    f"{100 * r['saving']:.1f}",
+                ]
+                for r in report["beam_search"]
+            ],
+        ),
         format_table(
             "Scheduler CPU cost per decode step (schedule + update)",
             ["running", "median ms", "p90 ms", "us/seq"],
-            [[r["num_running"], r["median_ms"], r["p90_ms"], f"{r['us_per_seq']:.2f}"]
-             for r in report["scheduler_cost"]]),
+            [
+                [r["num_running"], r["median_ms"], r["p90_ms"], f"{r['us_per_seq']:.2f}"]
+                for r in report["scheduler_cost"]
+            ],
+        ),
         f"useful_fraction_paged={report['useful_fraction_paged']:.4f}  "
         f"useful_fraction_contiguous={report['useful_fraction_contiguous']:.4f}  "
         f"useful_fraction_contiguous_oracle={report['useful_fraction_contiguous_oracle']:.4f}  "
@@ -498,10 +600,18 @@ def render(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-requests", type=int, default=1000,
-                        help="ShareGPT-like requests in the memory-size and block-size runs")
-    parser.add_argument("--num-sampling-requests", type=int, default=100,
-                        help="prompts per trace in the parallel sampling and beam runs")
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=1000,
+        help="ShareGPT-like requests in the memory-size and block-size runs",
+    )
+    parser.add_argument(
+        "--num-sampling-requests",
+        type=int,
+        default=100,
+        help="prompts per trace in the parallel sampling and beam runs",
+    )
     parser.add_argument("--json", type=Path, help="write the full results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -514,29 +624,38 @@ def main() -> None:
     with logging_redirect_tqdm():
         logger.info("memory sizes %s blocks: paged vs contiguous", MEMORY_SIZES_BLOCKS)
         memory_sizes = memory_size_sweep(sharegpt)
-        headline = next(r for r in memory_sizes if r.allocator == "paged"
-                        and r.num_blocks == HEADLINE_NUM_BLOCKS)
+        headline = next(
+            r
+            for r in memory_sizes
+            if r.allocator == "paged" and r.num_blocks == HEADLINE_NUM_BLOCKS
+        )
         logger.info("paged block sizes %s", BLOCK_SIZES)
         block_sizes = block_size_sweep(sharegpt, headline)
         logger.info("parallel sampling n=%s", PARALLEL_SAMPLING_N)
         parallel = [
             {"trace": trace_name, **parallel_sampling_saving(trace, n)}
-            for trace_name, trace in (("sharegpt", sharegpt_sampling),
-                                      ("alpaca", alpaca_sampling))
+            for trace_name, trace in (("sharegpt", sharegpt_sampling), ("alpaca", alpaca_sampling))
             for n in tqdm(PARALLEL_SAMPLING_N, desc=f"parallel sampling {trace_name}")
         ]
         logger.info("beam search widths %s", BEAM_WIDTHS)
-        beams = [beam_search_saving(alpaca_sampling, width, rng)
-                 for width in tqdm(BEAM_WIDTHS, desc="beam search")]
+        beams = [
+            beam_search_saving(alpaca_sampling, width, rng)
+            for width in tqdm(BEAM_WIDTHS, desc="beam search")
+        ]
         logger.info("scheduler step cost at %s running sequences", DECODE_BATCH_SIZES)
         # A collection triggered by an earlier part's garbage would land in a timed step.
         gc.collect()
-        costs = [scheduler_step_cost(num_running, rng)
-                 for num_running in tqdm(DECODE_BATCH_SIZES, desc="scheduler cost")]
+        costs = [
+            scheduler_step_cost(num_running, rng)
+            for num_running in tqdm(DECODE_BATCH_SIZES, desc="scheduler cost")
+        ]
 
     def headline_fraction(allocator: str) -> float:
-        return next(r.useful_fraction for r in memory_sizes
-                    if r.allocator == allocator and r.num_blocks == HEADLINE_NUM_BLOCKS)
+        return next(
+            r.useful_fraction
+            for r in memory_sizes
+            if r.allocator == allocator and r.num_blocks == HEADLINE_NUM_BLOCKS
+        )
 
     report = {
         "seed": args.seed,
@@ -545,9 +664,11 @@ def main() -> None:
         "headline_block_size": HEADLINE_BLOCK_SIZE,
         "length_models": [asdict(SHAREGPT), asdict(ALPACA)],
         "arrivals": "all requests at t=0 (offline batch), FCFS",
-        "workload": {"sharegpt": sharegpt.summary(),
-                     "sharegpt_sampling": sharegpt_sampling.summary(),
-                     "alpaca_sampling": alpaca_sampling.summary()},
+        "workload": {
+            "sharegpt": sharegpt.summary(),
+            "sharegpt_sampling": sharegpt_sampling.summary(),
+            "alpaca_sampling": alpaca_sampling.summary(),
+        },
         "useful_fraction_paged": headline_fraction("paged"),
         "useful_fraction_contiguous": headline_fraction("contiguous-max"),
         "useful_fraction_contiguous_oracle": headline_fraction("contiguous-oracle"),

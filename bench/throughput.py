@@ -63,17 +63,25 @@ def model_numbers(config) -> dict[str, float]:
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = hidden // config.num_attention_heads
     kv_dim = config.num_key_value_heads * head_dim
-    per_layer = hidden * (hidden + 2 * kv_dim) + hidden * hidden + 3 * hidden * \
-        config.intermediate_size
+    per_layer = (
+        hidden * (hidden + 2 * kv_dim) + hidden * hidden + 3 * hidden * config.intermediate_size
+    )
     body = layers * per_layer
     lm_head = hidden * config.vocab_size
     weights_bytes = 2 * (body + 2 * lm_head + layers * 2 * hidden)
-    return {"body_params": body, "lm_head_params": lm_head, "weights_bytes": weights_bytes,
-            "kv_bytes_per_token": 2 * 2 * layers * kv_dim, "layers": layers, "hidden": hidden}
+    return {
+        "body_params": body,
+        "lm_head_params": lm_head,
+        "weights_bytes": weights_bytes,
+        "kv_bytes_per_token": 2 * 2 * layers * kv_dim,
+        "layers": layers,
+        "hidden": hidden,
+    }
 
 
-def floor_seconds(lengths: list[tuple[int, int]], numbers: dict[str, float], bandwidth: float,
-                  rate: float) -> float:
+def floor_seconds(
+    lengths: list[tuple[int, int]], numbers: dict[str, float], bandwidth: float, rate: float
+) -> float:
     """Prefill FLOPs / matmul rate + sum over decode steps of bytes moved / copy bandwidth.
 
     All requests decode together (the most favourable batching): step s reads the weights once
@@ -94,32 +102,43 @@ def floor_seconds(lengths: list[tuple[int, int]], numbers: dict[str, float], ban
     return prefill_flops / rate + decode_bytes / bandwidth
 
 
-def fixed_workload(num: int, prompt_len: int, output_len: int, vocab: int,
-                   seed: int) -> tuple[list[list[int]], list[int]]:
+def fixed_workload(
+    num: int, prompt_len: int, output_len: int, vocab: int, seed: int
+) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
     prompts = [[rng.randrange(10, vocab - 10) for _ in range(prompt_len)] for _ in range(num)]
     return prompts, [output_len] * num
 
 
-def sharegpt_workload(num: int, vocab: int, seed: int,
-                      max_len: int = 2048) -> tuple[list[list[int]], list[int]]:
+def sharegpt_workload(
+    num: int, vocab: int, seed: int, max_len: int = 2048
+) -> tuple[list[list[int]], list[int]]:
     """Lognormal lengths with ShareGPT's means (about 161 in, 338 out) and a long tail."""
     rng = random.Random(seed)
     prompts, outputs = [], []
     for _ in range(num):
         prompt_len = min(max(4, int(rng.lognormvariate(math.log(161) - 0.72, 1.2))), 1024)
-        output_len = min(max(4, int(rng.lognormvariate(math.log(338) - 0.405, 0.9))),
-                         max_len - prompt_len)
+        output_len = min(
+            max(4, int(rng.lognormvariate(math.log(338) - 0.405, 0.9))), max_len - prompt_len
+        )
         prompts.append([rng.randrange(10, vocab - 10) for _ in range(prompt_len)])
         outputs.append(output_len)
     return prompts, outputs
 
 
-def run_pagedserve(model_dir: str, prompts, outputs, max_num_seqs: int,
-                   max_num_batched_tokens: int) -> dict:
-    llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", device="cuda",
-              max_model_len=2048, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False)
+def run_pagedserve(
+    model_dir: str, prompts, outputs, max_num_seqs: int, max_num_batched_tokens: int
+) -> dict:
+    llm = LLM(
+        model=model_dir,
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=2048,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=False,
+    )
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # compile kernels, warm caches
     results = {}
@@ -130,10 +149,15 @@ def run_pagedserve(model_dir: str, prompts, outputs, max_num_seqs: int,
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in done)
-        results[name] = {"seconds": elapsed, "output_tokens": tokens,
-                         "output_tok_s": tokens / elapsed}
-    info = {"num_gpu_blocks": llm.engine.scheduler.kv.pool.num_blocks,
-            "preemptions": llm.engine.scheduler.num_preemptions}
+        results[name] = {
+            "seconds": elapsed,
+            "output_tokens": tokens,
+            "output_tok_s": tokens / elapsed,
+        }
+    info = {
+        "num_gpu_blocks": llm.engine.scheduler.kv.pool.num_blocks,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+    }
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -159,30 +183,43 @@ def run_hf_static(model, prompts, outputs, batch_size: int) -> dict:
     start = time.perf_counter()
     useful = 0
     for first in range(0, len(order), batch_size):
-        batch = order[first:first + batch_size]
+        batch = order[first : first + batch_size]
         width = max(len(prompts[i]) for i in batch)
         pad = 0
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch],
-                           device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i])
-                             for i in batch], device=device)
+        ids = torch.tensor(
+            [[pad] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=device
+        )
         new = max(outputs[i] for i in batch)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         assert out.shape[1] == width + new, "static batch stopped early"
         useful += sum(outputs[i] for i in batch)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "output_tokens": useful, "output_tok_s": useful / elapsed,
-            "batch_size": batch_size}
+    return {
+        "seconds": elapsed,
+        "output_tokens": useful,
+        "output_tok_s": useful / elapsed,
+        "batch_size": batch_size,
+    }
 
 
 @torch.inference_mode()
 def run_hf_generate_batch(model, prompts, outputs) -> dict:
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=max(outputs), do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     torch.cuda.synchronize()
     start = time.perf_counter()
     try:
@@ -193,9 +230,14 @@ def run_hf_generate_batch(model, prompts, outputs) -> dict:
     elapsed = time.perf_counter() - start
     errors = [r.error for r in results.values() if r.error]
     tokens = sum(len(r.generated_tokens) for r in results.values())
-    return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed,
-            "errors": len(errors), "first_error": errors[0] if errors else None,
-            "num_results": len(results)}
+    return {
+        "seconds": elapsed,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / elapsed,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "num_results": len(results),
+    }
 
 
 def main() -> None:
@@ -209,34 +251,46 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-sharegpt", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
-                                                       "throughput.json"))
+    parser.add_argument(
+        "--json", default=os.path.join(os.environ.get("OUT", "out"), "throughput.json")
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device("cuda")
     config = llama_8b_config()
     bandwidth, rate = measure_ceilings(device)
     numbers = model_numbers(config)
-    workloads = {"fixed": fixed_workload(args.num_requests, args.input_len, args.output_len,
-                                         config.vocab_size, args.seed)}
+    workloads = {
+        "fixed": fixed_workload(
+            args.num_requests, args.input_len, args.output_len, config.vocab_size, args.seed
+        )
+    }
     if not args.skip_sharegpt:
-        workloads["sharegpt"] = sharegpt_workload(args.num_requests, config.vocab_size,
-                                                  args.seed)
-    report = {"device": torch.cuda.get_device_name(device), "copy_bandwidth_tb_s": bandwidth / 1e12,
-              "matmul_tflop_s": rate / 1e12, "model": "llama-3-8b shape, random bf16",
-              "workloads": {}}
+        workloads["sharegpt"] = sharegpt_workload(args.num_requests, config.vocab_size, args.seed)
+    report = {
+        "device": torch.cuda.get_device_name(device),
+        "copy_bandwidth_tb_s": bandwidth / 1e12,
+        "matmul_tflop_s": rate / 1e12,
+        "model": "llama-3-8b shape, random bf16",
+        "workloads": {},
+    }
     with tempfile.TemporaryDirectory() as model_dir:
         config.save_pretrained(model_dir)
         for name, (prompts, outputs) in workloads.items():
-            floor = floor_seconds(list(zip(map(len, prompts), outputs, strict=True)), numbers,
-                                  bandwidth, rate)
+            floor = floor_seconds(
+                list(zip(map(len, prompts), outputs, strict=True)), numbers, bandwidth, rate
+            )
             total = sum(outputs)
-            entry = {"num_requests": len(prompts), "prompt_tokens": sum(map(len, prompts)),
-                     "output_tokens": total,
-                     "floor": {"seconds": floor, "output_tok_s": total / floor}}
+            entry = {
+                "num_requests": len(prompts),
+                "prompt_tokens": sum(map(len, prompts)),
+                "output_tokens": total,
+                "floor": {"seconds": floor, "output_tok_s": total / floor},
+            }
             logger.info("%s: pagedserve", name)
-            entry["pagedserve"] = run_pagedserve(model_dir, prompts, outputs, args.max_num_seqs,
-                                                 args.max_num_batched_tokens)
+            entry["pagedserve"] = run_pagedserve(
+                model_dir, prompts, outputs, args.max_num_seqs, args.max_num_batched_tokens
+            )
             report["workloads"][name] = entry
     if not args.skip_hf:
         model = hf_model(config, device)
@@ -253,10 +307,14 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"\ndevice: {report['device']}  copy {report['copy_bandwidth_tb_s']:.2f} TB/s  "
-          f"bf16 matmul {report['matmul_tflop_s']:.0f} TFLOP/s  ({report['model']})")
-    print(f"{'workload':<10}{'system':<22}{'seconds':>9}{'out tok/s':>11}{'vs floor':>10}"
-          f"{'pagedserve x':>14}")
+    print(
+        f"\ndevice: {report['device']}  copy {report['copy_bandwidth_tb_s']:.2f} TB/s  "
+        f"bf16 matmul {report['matmul_tflop_s']:.0f} TFLOP/s  ({report['model']})"
+    )
+    print(
+        f"{'workload':<10}{'system':<22}{'seconds':>9}{'out tok/s':>11}{'vs floor':>10}"
+        f"{'pagedserve x':>14}"
+    )
     for name, entry in report["workloads"].items():
         floor_rate = entry["floor"]["output_tok_s"]
         ours = entry["pagedserve"]["output_tok_s"]
@@ -268,8 +326,10 @@ def print_table(report: dict) -> None:
                 print(f"{name:<10}{system:<22}  error: {result['error'][:60]}")
                 continue
             rate = result["output_tok_s"]
-            print(f"{name:<10}{system:<22}{result['seconds']:>9.2f}{rate:>11.0f}"
-                  f"{rate / floor_rate:>10.2f}{ours / rate:>14.2f}")
+            print(
+                f"{name:<10}{system:<22}{result['seconds']:>9.2f}{rate:>11.0f}"
+                f"{rate / floor_rate:>10.2f}{ours / rate:>14.2f}"
+            )
 
 
 if __name__ == "__main__":

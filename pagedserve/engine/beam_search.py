@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
-from pagedserve.scheduler.request import Request
+from pagedserve.scheduler.request import Request, RequestStatus
 
 
 @dataclass
@@ -66,6 +66,7 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
         sequence_id = f"{id_prefix}-{next(counter)}"
         scheduler.add_request(Request(sequence_id, token_ids, step_params))
         groups.append(_Group(token_ids, [_Beam(sequence_id, [], 0.0)]))
+    parked: list[Request] = []
     try:
         while any(group.active for group in groups):
             pending = {beam.sequence_id for group in groups for beam in group.active}
@@ -76,13 +77,35 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
                     if sequence_id in pending:
                         logprobs[sequence_id] = entry
                         pending.discard(sequence_id)
+                        if pending:
+                            _park(scheduler, sequence_id, parked)
+            _unpark(scheduler, parked)
             for group in groups:
                 _advance(group, logprobs, scheduler, width, eos_ids, params, id_prefix, counter)
     finally:
+        _unpark(scheduler, parked)
         for group in groups:
             for beam in group.active:
                 scheduler.abort_request(beam.sequence_id)
     return [_finish(group, width, params.length_penalty, engine.tokenizer) for group in groups]
+
+
+def _park(scheduler, sequence_id: str, parked: list[Request]) -> None:
+    """Keep a beam that already delivered this round's logprobs out of further steps.
+
+    Other beams may need more steps (chunked prefill, max_num_seqs, preemption); meanwhile a
+    running beam would keep decoding past the token it is forked at, and a fork must agree
+    with every token its parent has computed.
+    """
+    request = scheduler.requests.get(sequence_id)
+    if request is not None and request.status is RequestStatus.RUNNING:
+        scheduler.running.remove(request)
+        parked.append(request)
+
+
+def _unpark(scheduler, parked: list[Request]) -> None:
+    scheduler.running.extend(parked)
+    parked.clear()
 
 
 def _advance(group: _Group, logprobs, scheduler, width: int, eos_ids: set[int],

@@ -39,6 +39,8 @@ import triton.language as tl
 __all__ = ["paged_attention", "paged_attention_reference"]
 
 _MAX_HEAD_DIM = 256
+_DECODE_PROGRAMS_PER_SM = 3
+_MAX_KV_SPLITS = 64
 _LOG2_E = 1.4426950408889634
 
 
@@ -539,33 +541,43 @@ def select_config(
     device: torch.device,
     num_kv_splits: int | None = None,
 ) -> AttentionConfig:
-    """Pick tiles from host-side sizes only (never reads device memory)."""
+    """Pick tiles from host-side sizes only (never reads device memory).
+
+    Defaults come from the sweeps in ``bench/kernels.py`` (numbers in bench/KERNELS_NOTES.md).
+    """
     group_pad = triton.next_power_of_2(group_size)
     head_dim_pad = triton.next_power_of_2(head_dim)
-    # Rows per tile: at least 16 (the smallest matrix-unit M), about 128 for prefill.
+    # Rows per tile: at least 16 (the smallest matrix-unit M), 128 for prefill.
     min_block_q = max(1, 16 // group_pad)
     max_block_q = max(min_block_q, (64 if head_dim_pad > 128 else 128) // group_pad)
     block_q = min(max(triton.next_power_of_2(max(max_query_len, 1)), min_block_q), max_block_q)
     is_decode = block_q * group_pad <= 16
-    block_n = 32 if head_dim_pad > 128 else 64
+    block_n = 32 if head_dim_pad > 128 else 64 if is_decode else 128
     if num_kv_splits is None:
         num_kv_splits = 1
         num_q_tiles = triton.cdiv(max(max_query_len, 1), block_q)
         programs = num_seqs * num_kv_heads * num_q_tiles
-        target = 2 * _num_sms(device)
-        if device.type == "cuda" and num_q_tiles == 1 and programs < target:
-            # Enough splits to fill the GPU, but each split keeps >= 4 key tiles of work.
-            wanted = triton.cdiv(target, max(programs, 1))
+        # About three decode programs fit on an SM at once (2 stages of K and V tiles in
+        # shared memory). Split the keys when the batch leaves those slots empty, into as many
+        # pieces as fit in one wave (a second, partial wave costs more than it gains), each
+        # piece keeping >= 4 key tiles of work.
+        slots = _DECODE_PROGRAMS_PER_SM * _num_sms(device)
+        if device.type == "cuda" and num_q_tiles == 1 and 2 * programs <= slots:
             affordable = max(1, max_seq_len // (4 * block_n))
-            num_kv_splits = max(1, min(wanted, affordable, 64))
+            num_kv_splits = max(1, min(slots // programs, affordable, _MAX_KV_SPLITS))
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    if is_decode:
+        # Decode is bound by K/V bytes: fewer warps per program leave room for more programs.
+        num_warps, num_stages = (2 if num_kv_splits == 1 else 4), 2
+    else:
+        num_warps, num_stages = (8 if block_q * group_pad >= 128 else 4), 2
     return AttentionConfig(
         block_q=block_q,
         block_n=block_n,
         num_kv_splits=num_kv_splits,
-        num_warps=4 if is_decode else 8 if block_q * group_pad >= 128 else 4,
-        num_stages=3 if is_decode else 2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 

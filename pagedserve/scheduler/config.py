@@ -32,7 +32,8 @@ class CacheConfig:
     """Reuse blocks whose chained hash matches an earlier request's full block."""
 
     def __post_init__(self) -> None:
-        check_field("CacheConfig", "block_size", self.block_size in VALID_BLOCK_SIZES,
+        check_field("CacheConfig", "block_size",
+                    type(self.block_size) is int and self.block_size in VALID_BLOCK_SIZES,
                     f"one of {VALID_BLOCK_SIZES}", self.block_size)
         check_field("CacheConfig", "num_gpu_blocks",
                     isinstance(self.num_gpu_blocks, int) and self.num_gpu_blocks >= 1,

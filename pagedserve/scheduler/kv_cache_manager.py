@@ -121,11 +121,12 @@ class KVCacheManager:
         """
         request_id = request.request_id
         table = self.block_tables.get(request_id)
-        if table is None:
+        created = table is None
+        if created:
             table = self.block_tables[request_id] = []
         needed = self.blocks_needed(request, num_new_tokens, cached_blocks)
         if needed + reserve > self.pool.num_free_blocks:
-            if not table:
+            if created:  # drop only a table made by this call (a forked one may be empty)
                 del self.block_tables[request_id]
             return None
         start = len(table)

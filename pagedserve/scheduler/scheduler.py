@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from collections import deque
 
-from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
+from pagedserve.scheduler.config import CacheConfig, ConfigError, SchedulerConfig
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager, TableUpdate
 from pagedserve.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 from pagedserve.scheduler.policies import (
@@ -41,7 +41,7 @@ class Scheduler:
         self.config = scheduler_config
         self.cache_config = cache_config
         if scheduler_config.preemption_mode == "swap" and cache_config.num_cpu_blocks == 0:
-            raise ValueError("SchedulerConfig.preemption_mode='swap' needs "
+            raise ConfigError("SchedulerConfig.preemption_mode='swap' needs "
                              "CacheConfig.num_cpu_blocks >= 1; set it or use 'recompute'")
         self.kv = KVCacheManager(cache_config.block_size, cache_config.num_gpu_blocks,
                                  cache_config.num_cpu_blocks, cache_config.enable_prefix_caching)
@@ -116,6 +116,13 @@ class Scheduler:
         self.kv.free(request.request_id)
         del self.requests[request.request_id]
         self._forget(request.request_id)
+        self._drop_finished_family(request)
+
+    def _drop_finished_family(self, request: Request) -> None:
+        """Forget an n > 1 request's sequence list once its last sequence has finished."""
+        siblings = self.children.get(request.parent_id)
+        if siblings is not None and not any(rid in self.requests for rid in siblings):
+            del self.children[request.parent_id]
 
     def _forget(self, request_id: str) -> None:
         if request_id in self._known_to_workers:
@@ -204,13 +211,19 @@ class Scheduler:
             self.waiting.push_front(request)
         logger.debug("preempted %s by %s", request.request_id, "swap" if swap else "recompute")
 
+    def _watermark(self) -> int:
+        """Blocks to keep free when admitting or resuming; none while nothing runs, since a
+        request that fits the whole pool but not pool minus watermark would otherwise wait
+        forever."""
+        return self.watermark_blocks if self.running else 0
+
     def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.swapped[0]
             num_new = self._chunk(request, self._target_tokens(request)
                                   - request.num_computed_tokens, budget)
             needed = self.kv.num_blocks_for(request.num_computed_tokens + num_new)
-            if needed + self.watermark_blocks > self.kv.num_free_blocks:
+            if needed + self._watermark() > self.kv.num_free_blocks:
                 break
             out.blocks_to_swap_in.extend(self.kv.swap_in(request.request_id))
             self.swapped.popleft()
@@ -235,12 +248,11 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
             blocks_for_prompt = self.kv.blocks_needed(request, remaining, cached)
-            if not self.admission_policy(blocks_for_prompt, self.kv.num_free_blocks,
-                                         self.watermark_blocks):
+            watermark = self._watermark()
+            if not self.admission_policy(blocks_for_prompt, self.kv.num_free_blocks, watermark):
                 break
             num_new = self._chunk(request, remaining, budget)
-            update = self.kv.allocate_slots(request, num_new, cached,
-                                            reserve=self.watermark_blocks)
+            update = self.kv.allocate_slots(request, num_new, cached, reserve=watermark)
             if update is None:
                 break
             self.waiting.pop()
@@ -310,6 +322,7 @@ class Scheduler:
                     self.kv.free(request.request_id)
                     del self.requests[request.request_id]
                     self._forget(request.request_id)
+                    self._drop_finished_family(request)
                     finished = True
             elif (request.request_id in self._fork_pending
                   and request.num_computed_tokens == request.num_prompt_tokens - 1):

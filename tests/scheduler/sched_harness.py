@@ -194,6 +194,7 @@ def run_workload(specs: list[Spec], scheduler_config: SchedulerConfig, cache_con
         assert request.status is RequestStatus.FINISHED, request_id
         if request.finish_reason is not FinishReason.ABORT:
             result.outputs[request_id] = (list(request.output_token_ids), request.finish_reason)
+    assert scheduler.children == {} and not scheduler._fork_pending
     kv = scheduler.kv
     assert kv.num_free_blocks == cache_config.num_gpu_blocks, "GPU blocks leaked"
     assert kv.block_tables == {} and kv.cpu_block_tables == {}

@@ -1,0 +1,41 @@
+"""Fixtures of the engine tests: tiny checkpoints (one per variant) and HF references."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.engine.engine_utils import HFReference
+from tests.helpers.tiny_models import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """variant -> directory of its tiny random checkpoint (written once per session)."""
+    saved: dict[str, Path] = {}
+
+    def get(variant: str = "llama") -> Path:
+        if variant not in saved:
+            saved[variant] = save_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt-{variant}"),
+                                                  variant)
+        return saved[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf() -> HFReference:
+    return HFReference()
+
+
+@pytest.fixture(scope="session")
+def default_model_llm(tmp_path_factory: pytest.TempPathFactory):
+    """`LLM()` (the embedded default model) created under a temporary PAGEDSERVE_CACHE."""
+    from pagedserve.llm import LLM
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PAGEDSERVE_CACHE", str(tmp_path_factory.mktemp("pagedserve-cache")))
+        llm = LLM(device="cpu")
+        yield llm
