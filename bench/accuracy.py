@@ -7,7 +7,9 @@ model has; the rest uses the usual 0.02. Reports:
 - the share of prompts whose greedy continuations are identical, and the share of output
   positions before the first divergence;
 - teacher-forced logprobs: transformers' log-softmax of pagedserve's chosen tokens versus the
-  logprobs pagedserve returned (max and mean absolute difference).
+  logprobs pagedserve returned (max and mean absolute difference);
+- the same for transformers in fp32 against pagedserve and against transformers bf16, which
+  shows how far bf16 rounding alone moves the peer (the noise floor of the comparison).
 
     python bench/accuracy.py --json out/accuracy.json
 """
@@ -55,91 +57,95 @@ def write_checkpoint(path: str, seed: int) -> None:
     model.save_pretrained(path)
 
 
+def greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt], device="cuda")
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                         min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def teacher_forced(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Log-softmax of `tokens` given prompt + preceding tokens, in fp32."""
+    full = torch.tensor([prompt + tokens], device="cuda")
+    logits = model(full).logits[0, len(prompt) - 1:-1].float()
+    chosen = torch.tensor(tokens, device="cuda").unsqueeze(-1)
+    return torch.log_softmax(logits, -1).gather(-1, chosen).squeeze(-1)
+
+
+def agreement(candidates: list[list[int]], references: list[list[int]]) -> tuple[float, float]:
+    """(share of identical sequences, share of positions before the first divergence)."""
+    identical, matched, total = 0, 0, 0
+    for tokens, reference in zip(candidates, references, strict=True):
+        prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True))
+                       if a != b), len(tokens))
+        identical += prefix == len(tokens)
+        matched += prefix
+        total += len(tokens)
+    return identical / len(candidates), matched / total
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--json", default=os.path.join(os.environ.get("OUT", "out"), "accuracy.json")
-    )
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
+                                                       "accuracy.json"))
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(args.seed)
-    prompts = [
-        [rng.randrange(3, 32000) for _ in range(rng.randrange(8, 300))]
-        for _ in range(args.num_prompts)
-    ]
+    prompts = [[rng.randrange(3, 32000) for _ in range(rng.randrange(8, 300))]
+               for _ in range(args.num_prompts)]
+    report = {"device": torch.cuda.get_device_name(), "num_prompts": len(prompts),
+              "max_tokens": args.max_tokens}
     with tempfile.TemporaryDirectory() as path:
         write_checkpoint(path, args.seed)
-        llm = LLM(
-            model=path,
-            dtype="bfloat16",
-            device="cuda",
-            max_model_len=1024,
-            gpu_memory_utilization=0.5,
-        )
-        ours = llm.generate(
-            prompts,
-            SamplingParams(
-                temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, logprobs=0
-            ),
-            use_tqdm=False,
-        )
+        llm = LLM(model=path, dtype="bfloat16", device="cuda", max_model_len=1024,
+                  gpu_memory_utilization=0.5)
+        ours = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                                    ignore_eos=True, logprobs=0),
+                            use_tqdm=False)
         del llm
         torch.cuda.empty_cache()
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-        identical, matched, diffs = 0, 0, []
-        for prompt, output in zip(prompts, ours, strict=True):
-            ids = torch.tensor([prompt], device="cuda")
-            reference = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.max_tokens,
-                min_new_tokens=args.max_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )[0, len(prompt) :].tolist()
-            tokens = output.outputs[0].token_ids
-            prefix = next(
-                (i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b),
-                len(tokens),
-            )
-            matched += prefix
-            identical += prefix == len(tokens)
-            full = torch.tensor([prompt + tokens], device="cuda")
-            logits = hf(full).logits[0, len(prompt) - 1 : -1].float()
-            reference_logprobs = (
-                torch.log_softmax(logits, -1)
-                .gather(-1, torch.tensor(tokens, device="cuda").unsqueeze(-1))
-                .squeeze(-1)
-            )
-            ours_logprobs = torch.tensor(
-                [lp.logprob for lp in output.outputs[0].logprobs], device="cuda"
-            )
-            diffs.append((ours_logprobs - reference_logprobs).abs())
-    diffs = torch.cat(diffs)
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "num_prompts": len(prompts),
-        "max_tokens": args.max_tokens,
-        "identical_prompt_fraction": identical / len(prompts),
-        "matched_token_fraction": matched / (len(prompts) * args.max_tokens),
-        "teacher_forced_logprob_abs_diff_max": diffs.max().item(),
-        "teacher_forced_logprob_abs_diff_mean": diffs.mean().item(),
+        ours_tokens = [o.outputs[0].token_ids for o in ours]
+        ours_logprobs = [torch.tensor([lp.logprob for lp in o.outputs[0].logprobs],
+                                      device="cuda") for o in ours]
+        runs = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+            runs[dtype] = {
+                "greedy": [greedy(hf, p, args.max_tokens) for p in prompts],
+                "forced": [teacher_forced(hf, p, t) for p, t in zip(prompts, ours_tokens,
+                                                                     strict=True)],
+            }
+            del hf
+            torch.cuda.empty_cache()
+    bf16, fp32 = runs[torch.bfloat16], runs[torch.float32]
+    pairs = {
+        "pagedserve_bf16_vs_hf_bf16": (ours_tokens, bf16["greedy"], ours_logprobs,
+                                       bf16["forced"]),
+        "pagedserve_bf16_vs_hf_fp32": (ours_tokens, fp32["greedy"], ours_logprobs,
+                                       fp32["forced"]),
+        "hf_bf16_vs_hf_fp32 (peer noise)": (bf16["greedy"], fp32["greedy"], bf16["forced"],
+                                            fp32["forced"]),
     }
+    print(f"\ndevice: {report['device']}  {len(prompts)} prompts x {args.max_tokens} tokens")
+    print(f"{'comparison':<34}{'identical':>10}{'matched':>9}{'|dlogp| max':>12}"
+          f"{'mean':>8}")
+    for name, (tokens, reference, logprobs, reference_logprobs) in pairs.items():
+        identical, matched = agreement(tokens, reference)
+        diffs = torch.cat([(a - b).abs() for a, b in zip(logprobs, reference_logprobs,
+                                                          strict=True)])
+        report[name] = {"identical_prompt_fraction": identical,
+                        "matched_token_fraction": matched,
+                        "teacher_forced_logprob_abs_diff_max": diffs.max().item(),
+                        "teacher_forced_logprob_abs_diff_mean": diffs.mean().item()}
+        print(f"{name:<34}{identical:>10.3f}{matched:>9.3f}{diffs.max().item():>12.4f}"
+              f"{diffs.mean().item():>8.4f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"\ndevice: {report['device']}  bf16, {len(prompts)} prompts x {args.max_tokens} tokens")
-    for key in (
-        "identical_prompt_fraction",
-        "matched_token_fraction",
-        "teacher_forced_logprob_abs_diff_max",
-        "teacher_forced_logprob_abs_diff_mean",
-    ):
-        print(f"{key:<40}{report[key]:>10.4f}")
 
 
 if __name__ == "__main__":

@@ -61,13 +61,14 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
                                  max_tokens=params.max_tokens + 1, ignore_eos=True)
     counter = itertools.count()
     groups = []
-    for prompt in prompts:
-        token_ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        sequence_id = f"{id_prefix}-{next(counter)}"
-        scheduler.add_request(Request(sequence_id, token_ids, step_params))
-        groups.append(_Group(token_ids, [_Beam(sequence_id, [], 0.0)]))
+    # Every prompt is checked before any is queued; a later failure aborts the queued ones.
+    prompt_token_ids = [engine.prompt_token_ids(prompt) for prompt in prompts]
     parked: list[Request] = []
     try:
+        for token_ids in prompt_token_ids:
+            sequence_id = f"{id_prefix}-{next(counter)}"
+            scheduler.add_request(Request(sequence_id, token_ids, step_params))
+            groups.append(_Group(token_ids, [_Beam(sequence_id, [], 0.0)]))
         while any(group.active for group in groups):
             pending = {beam.sequence_id for group in groups for beam in group.active}
             logprobs = {}

@@ -172,6 +172,17 @@ class LLMEngine:
             raise ValueError("this model has no tokenizer; pass prompt_token_ids instead of text")
         return self.tokenizer.encode(prompt)
 
+    def prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (text is encoded), checked against the vocabulary."""
+        token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.hf_config.vocab_size
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}), got {bad[:5]}")
+        return token_ids
+
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, priority: int = 0,
                     cache_salt: str | None = None) -> None:
@@ -180,13 +191,8 @@ class LLMEngine:
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        token_ids = self.encode(prompt) if text is not None else list(prompt)
+        token_ids = self.prompt_token_ids(prompt)
         vocab = self.hf_config.vocab_size
-        if not token_ids:
-            raise ValueError("prompt must contain at least one token")
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}), got {bad[:5]}")
         params.check_vocab(vocab)
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; use stop_token_ids")

@@ -123,9 +123,14 @@ def test_bad_request_in_the_middle_of_a_batch(llm, expected):
     still_works(llm, expected)
 
 
-def test_bad_beam_search_prompt_rejected_without_leaks(llm, expected):
-    with pytest.raises(ValueError, match="prompt_token_ids"):
-        llm.beam_search([PROMPTS[0], [VOCAB]], BeamSearchParams(beam_width=2, max_tokens=3))
+@pytest.mark.parametrize(("match", "bad_prompt"), [
+    ("prompt_token_ids", [VOCAB]),  # out of vocabulary: used to crash in the embedding
+    ("prompt_token_ids", [4, -3]),
+    ("max_model_len", list(range(3, 67))),  # used to leave the first prompt's beam queued
+])
+def test_bad_beam_search_prompt_rejected_without_leaks(llm, expected, match, bad_prompt):
+    with pytest.raises(ValueError, match=match):
+        llm.beam_search([PROMPTS[0], bad_prompt], BeamSearchParams(beam_width=2, max_tokens=3))
     still_works(llm, expected)
 
 
