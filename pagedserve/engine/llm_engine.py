@@ -242,8 +242,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns the requests that changed (finished ones included)."""
-        step = self.scheduler.schedule()
-        if step.is_empty and not self.scheduler.running and self.scheduler.has_unfinished():
+        scheduler = self.scheduler
+        unfinished, preemptions = scheduler.num_unfinished, scheduler.num_preemptions
+        step = scheduler.schedule()
+        # A step that preempted or finished something admits nothing; the next one may.
+        if step.is_empty and not scheduler.running and scheduler.has_unfinished() \
+                and (unfinished, preemptions) == (scheduler.num_unfinished,
+                                                  scheduler.num_preemptions):
             raise RuntimeError("scheduler made no progress with requests waiting; the KV cache "
                                "is too small for the waiting prompts")
         now = time.monotonic()
@@ -270,6 +275,7 @@ class LLMEngine:
             tracked, index = owner
             self._on_token(tracked, index, request, result, now)
             changed[tracked.request_id] = tracked
+        self._finish_dropped_sequences(changed, now)
         outputs = []
         for tracked in changed.values():
             outputs.append(tracked.snapshot())
@@ -278,6 +284,25 @@ class LLMEngine:
                 for sequence_id in tracked.sequence_ids:
                     self._sequence_owner.pop(sequence_id, None)
         return outputs
+
+    def _finish_dropped_sequences(self, changed: dict[str, _Tracked], now: float) -> None:
+        """Finish sequences the scheduler ended without emitting a token.
+
+        The scheduler finishes a sequence with 'length' when, at preemption, it has outgrown
+        the whole KV cache; without this its request would never finish (generate() hangs).
+        """
+        requests = self.scheduler.requests
+        for tracked in self._tracked.values():
+            if tracked.request_id in requests:  # running, or n > 1 and not yet forked
+                continue
+            for index, sequence_id in enumerate(tracked.sequence_ids):
+                completion = tracked.outputs[index]
+                if completion.finish_reason is None and sequence_id not in requests:
+                    completion.finish_reason = FinishReason.LENGTH.value
+                    tracked.num_finished += 1
+                    changed[tracked.request_id] = tracked
+                    if tracked.num_finished == len(tracked.outputs):
+                        tracked.metrics.finished_time = now
 
     def _owner_of_parent(self, request_id: str) -> tuple[_Tracked, int] | None:
         tracked = self._tracked.get(request_id)

@@ -82,23 +82,23 @@ class DecodeGraphs:
         """Replay the smallest graph that holds this decode batch; hidden states [n, H]."""
         count = len(step.scheduled)
         size = next(s for s in self.sizes if s >= count)
+        padding = size - count
+        items = step.scheduled
+        # One host-to-device copy for the four per-token rows (pads: token 0, position 0,
+        # slot -1 so nothing is written, context length 1).
+        rows = torch.tensor(
+            [item.token_ids[0] for item in items] + [0] * padding
+            + [item.start_position for item in items] + [0] * padding
+            + [item.slot_mapping[0] for item in items] + [-1] * padding
+            + [item.seq_len for item in items] + [1] * padding,
+            dtype=torch.int64).to(self.input_ids.device, non_blocking=True).view(4, size)
+        self.input_ids[:size].copy_(rows[0])
+        self.positions[:size].copy_(rows[1])
+        self.slot_mapping[:size].copy_(rows[2])
+        self.seq_lens[:size].copy_(rows[3])
         width = max(len(t) for t in tables)
-        host = torch.empty(4, size, dtype=torch.int64, pin_memory=True)
-        host[0].zero_()
-        host[1].zero_()
-        host[2].fill_(-1)
-        host[3].fill_(1)
-        host[0, :count] = torch.tensor([item.token_ids[0] for item in step.scheduled])
-        host[1, :count] = torch.tensor([item.start_position for item in step.scheduled])
-        host[2, :count] = torch.tensor([item.slot_mapping[0] for item in step.scheduled])
-        host[3, :count] = torch.tensor([item.seq_len for item in step.scheduled])
-        device_rows = host.to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:size].copy_(device_rows[0])
-        self.positions[:size].copy_(device_rows[1])
-        self.slot_mapping[:size].copy_(device_rows[2])
-        self.seq_lens[:size].copy_(device_rows[3])
         table_rows = torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                  dtype=torch.int32, pin_memory=True)
+                                  dtype=torch.int32)
         self.block_tables[:count, :width].copy_(table_rows, non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size][:count]

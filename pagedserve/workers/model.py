@@ -133,9 +133,9 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         # One RoPE table shared by all layers.
-        rotary = rotary_for_config(config, head_dim_of(config))
+        self.rotary = rotary_for_config(config, head_dim_of(config))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, index, rotary, features, tp)
+            DecoderLayer(config, index, self.rotary, features, tp)
             for index in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -145,10 +145,11 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         device = self.device
-        pin = device.type == "cuda"
 
         def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+            # Built on the host, then one copy each; no pinned staging (allocating pinned
+            # memory every step costs more than these few kilobytes take to copy).
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         metadata = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),

@@ -1,8 +1,9 @@
 """Rotary position embedding (rotate-half / GPT-NeoX layout, as Llama-family HF checkpoints use).
 
-Frequencies are computed once, in fp32, into a [max_position, head_dim] cos|sin table indexed by
-each token's absolute position, so a flat batch mixing prefill and decode tokens of different
-sequences needs no per-sequence handling. Supported `rope_type`s: default, linear, llama3.
+Frequencies are computed once, in fp32, into a [max_position, head_dim] cos|sin table (the
+layout the rotary kernel reads) indexed by each token's absolute position, so a flat batch
+mixing prefill and decode tokens of different sequences needs no per-sequence handling.
+Supported `rope_type`s: default, linear, llama3.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pagedserve.kernels.rotary import apply_rotary
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -48,7 +51,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim]."""
+    """Applies RoPE with one model's frequencies to q and k."""
 
     def __init__(self, head_dim: int, max_position: int, theta: float = 10000.0,
                  scaling: dict[str, Any] | None = None) -> None:
@@ -74,12 +77,19 @@ class RotaryEmbedding(nn.Module):
                              .float(), persistent=False)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x1, x2 = x32.chunk(2, dim=-1)
+        x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k) for q [T, heads, head_dim] and k [T, kv_heads, head_dim].
+
+        In fp32, rounded once to the input dtype. On CUDA a fused Triton kernel rotates q and k
+        IN PLACE (they may be views of the fused qkv output; no copies); on CPU new tensors are
+        returned. Either way callers use the returned tensors and not q/k afterwards.
+        """
+        if q.is_cuda:
+            return apply_rotary(positions, q, k, self.cos_sin_cache)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(-2).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

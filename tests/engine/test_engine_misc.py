@@ -30,15 +30,25 @@ def test_max_model_len_ends_generation(checkpoint, hf):
     assert_no_leaks(llm)
 
 
-def test_request_outgrowing_the_whole_cache_finishes_with_length(checkpoint, hf):
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [1, 2])
+def test_request_outgrowing_the_whole_cache_finishes_with_length(n, checkpoint, hf):
+    """A sequence longer than the whole KV pool is ended by the scheduler at preemption; the
+    engine must still report it finished (this used to hang generate() forever)."""
     path = checkpoint("llama")
     llm = make_llm(path, num_gpu_blocks_override=8)  # 32 tokens in all
-    (output,) = llm.generate([PROMPTS[2]], greedy(max_tokens=40), use_tqdm=False)
-    completion = output.outputs[0]
-    assert completion.finish_reason == "length"
-    assert 0 < len(completion.token_ids) < 40
-    assert len(PROMPTS[2]) + len(completion.token_ids) <= 33
-    assert completion.token_ids == hf.generate(path, PROMPTS[2], 40)[:len(completion.token_ids)]
+    params = [SamplingParams(n=n, temperature=0, max_tokens=40, ignore_eos=True),
+              greedy(max_tokens=3)]
+    long, short = llm.generate([PROMPTS[2], PROMPTS[0]], params, use_tqdm=False)
+    expected = hf.generate(path, PROMPTS[2], 40)
+    assert long.finished and len(long.outputs) == n
+    for completion in long.outputs:
+        assert completion.finish_reason == "length"
+        assert 0 < len(completion.token_ids) < 40
+        assert len(PROMPTS[2]) + len(completion.token_ids) <= 33
+        assert completion.token_ids == expected[:len(completion.token_ids)]
+    assert long.metrics.finished_time is not None
+    assert short.outputs[0].token_ids == hf.generate(path, PROMPTS[0], 3)
     assert_no_leaks(llm)
 
 

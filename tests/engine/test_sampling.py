@@ -108,9 +108,11 @@ def test_n_seeded_child_k_equals_seed_plus_k(llm):
     assert_no_leaks(llm)
 
 
-def test_n_under_preemption_and_with_logprobs(checkpoint, hf):
+@pytest.mark.parametrize("swap_space_gib", [0.0, 1e-4], ids=["recompute", "swap"])
+def test_n_under_preemption_and_with_logprobs(swap_space_gib, checkpoint, hf):
     path = checkpoint("llama")
-    small = make_llm(path, num_gpu_blocks_override=16, max_num_batched_tokens=8)
+    small = make_llm(path, num_gpu_blocks_override=16, max_num_batched_tokens=8,
+                     swap_space_gib=swap_space_gib)
     params = SamplingParams(n=4, temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = make_prompts((9, 14), seed=6)
     outputs = small.generate(prompts, params, use_tqdm=False)
@@ -122,6 +124,18 @@ def test_n_under_preemption_and_with_logprobs(checkpoint, hf):
             assert completion.cumulative_logprob == pytest.approx(
                 sum(e.logprob for e in completion.logprobs))
     assert small.engine.scheduler.num_preemptions > 0
+    assert_no_leaks(small)
+
+
+def test_n_seeded_under_swap_matches_roomy_engine(llm, checkpoint):
+    params = [sampled(60 + i, n=3, temperature=1.3) for i in range(len(PROMPTS))]
+    roomy = llm.generate(PROMPTS, params, use_tqdm=False)
+    small = make_llm(checkpoint("llama"), num_gpu_blocks_override=14, swap_space_gib=1e-4)
+    with StepSpy(small) as log:
+        tight = small.generate(PROMPTS, params, use_tqdm=False)
+    assert log.swap_out > 0
+    assert [[c.token_ids for c in o.outputs] for o in tight] == \
+        [[c.token_ids for c in o.outputs] for o in roomy]
     assert_no_leaks(small)
 
 

@@ -7,7 +7,11 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from pagedserve.workers.norm import RMSNorm
-from pagedserve.workers.rotary import RotaryEmbedding, rope_config, rotary_for_config
+from pagedserve.workers.rotary import (
+    RotaryEmbedding,
+    rope_config,
+    rotary_for_config,
+)
 from tests.helpers.tiny_models import tiny_config
 
 ROPE_SCALINGS = {
@@ -56,3 +60,30 @@ def test_fused_residual_norm_equals_add_then_norm():
     normed, new_residual = norm(x, residual)
     assert torch.equal(new_residual, x + residual)
     assert torch.equal(normed, norm(x + residual))
+
+
+def test_rotary_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    config = tiny_config("llama", rope_theta=10000.0, head_dim=32)
+    rotary = rotary_for_config(config, head_dim=32)
+    positions = torch.tensor([0, 5, 17, 200])
+    q, k = torch.randn(4, 4, 32), torch.randn(4, 2, 32)
+    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(q, positions[None])
+    # transformers takes [batch, heads, seq, head_dim].
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                      hf_cos, hf_sin)
+    ours_q, ours_k = rotary(positions, q.clone(), k.clone())
+    assert torch.allclose(ours_q, hf_q[0].transpose(0, 1), atol=1e-6)
+    assert torch.allclose(ours_k, hf_k[0].transpose(0, 1), atol=1e-6)
+
+
+def test_rms_norm_matches_transformers_in_bf16():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    reference = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    reference.weight.data = (torch.rand(64) + 0.5).to(torch.bfloat16)
+    ours = RMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    ours.weight.data = reference.weight.data.clone()
+    x = (torch.randn(7, 64) * 3).to(torch.bfloat16)
+    assert torch.equal(ours(x), reference(x))
