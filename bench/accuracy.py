@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pagedserve import LLM, SamplingParams  # noqa: E402
 
 
-def write_checkpoint(path: str, seed: int) -> None:
+def write_checkpoint(path: str, seed: int, lm_head_std: float) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -53,7 +53,7 @@ def write_checkpoint(path: str, seed: int) -> None:
         for name, param in model.named_parameters():
             if "norm" in name:
                 continue
-            param.normal_(0.0, 0.1 if name.startswith("lm_head") else 0.02)
+            param.normal_(0.0, lm_head_std if name.startswith("lm_head") else 0.02)
     model.save_pretrained(path)
 
 
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lm-head-std", type=float, default=0.1,
+                        help="spread of the LM head weights: larger = more confident model")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
                                                        "accuracy.json"))
     args = parser.parse_args()
@@ -99,9 +101,9 @@ def main() -> None:
     prompts = [[rng.randrange(3, 32000) for _ in range(rng.randrange(8, 300))]
                for _ in range(args.num_prompts)]
     report = {"device": torch.cuda.get_device_name(), "num_prompts": len(prompts),
-              "max_tokens": args.max_tokens}
+              "max_tokens": args.max_tokens, "lm_head_std": args.lm_head_std}
     with tempfile.TemporaryDirectory() as path:
-        write_checkpoint(path, args.seed)
+        write_checkpoint(path, args.seed, args.lm_head_std)
         llm = LLM(model=path, dtype="bfloat16", device="cuda", max_model_len=1024,
                   gpu_memory_utilization=0.5)
         ours = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
@@ -131,7 +133,8 @@ def main() -> None:
         "hf_bf16_vs_hf_fp32 (peer noise)": (bf16["greedy"], fp32["greedy"], bf16["forced"],
                                             fp32["forced"]),
     }
-    print(f"\ndevice: {report['device']}  {len(prompts)} prompts x {args.max_tokens} tokens")
+    print(f"\ndevice: {report['device']}  {len(prompts)} prompts x {args.max_tokens} tokens, "
+          f"LM head std {args.lm_head_std}")
     print(f"{'comparison':<34}{'identical':>10}{'matched':>9}{'|dlogp| max':>12}"
           f"{'mean':>8}")
     for name, (tokens, reference, logprobs, reference_logprobs) in pairs.items():

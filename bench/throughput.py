@@ -249,6 +249,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-workloads", default="fixed,sharegpt",
+                        help="comma-separated workloads the transformers peers run")
     parser.add_argument("--skip-sharegpt", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -295,6 +297,8 @@ def main() -> None:
     if not args.skip_hf:
         model = hf_model(config, device)
         for name, (prompts, outputs) in workloads.items():
+            if name not in args.hf_workloads.split(","):
+                continue
             entry = report["workloads"][name]
             logger.info("%s: transformers static", name)
             entry["hf_static"] = run_hf_static(model, prompts, outputs, args.hf_batch)
