@@ -213,7 +213,7 @@ def run_hf_static(model, prompts, outputs, batch_size: int) -> dict:
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: generate_batch updates its own buffers in place
 def run_hf_generate_batch(model, prompts, outputs) -> dict:
     from transformers import GenerationConfig
 
@@ -330,6 +330,9 @@ def print_table(report: dict) -> None:
                 print(f"{name:<10}{system:<22}  error: {result['error'][:60]}")
                 continue
             rate = result["output_tok_s"]
+            if not rate:
+                print(f"{name:<10}{system:<22}  no output: {result.get('first_error')}"[:100])
+                continue
             print(
                 f"{name:<10}{system:<22}{result['seconds']:>9.2f}{rate:>11.0f}"
                 f"{rate / floor_rate:>10.2f}{ours / rate:>14.2f}"
