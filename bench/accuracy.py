@@ -84,6 +84,54 @@ def agreement(candidates: list[list[int]], references: list[list[int]]) -> tuple
     return identical / len(candidates), matched / total
 
 
+def markov_chain(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's three successors and their probabilities (0.6 / 0.25 / 0.15)."""
+    generator = torch.Generator().manual_seed(seed)
+    successors = torch.randint(3, vocab, (vocab, 3), generator=generator)
+    return successors, torch.tensor([0.6, 0.25, 0.15])
+
+
+def sample_chain(successors, probs, count: int, length: int, generator) -> torch.Tensor:
+    tokens = torch.empty(count, length, dtype=torch.int64)
+    tokens[:, 0] = torch.randint(3, successors.shape[0], (count,), generator=generator)
+    for t in range(1, length):
+        choice = torch.multinomial(probs, count, replacement=True, generator=generator)
+        tokens[:, t] = successors[tokens[:, t - 1], choice]
+    return tokens
+
+
+def write_trained_checkpoint(path: str, seed: int, steps: int = 300) -> list[list[int]]:
+    """Train a small Llama on a sparse Markov chain (confident, learnable next tokens).
+
+    A trained model's greedy choices have real margins, unlike random weights, so the
+    comparison measures implementation differences instead of the chaos of a random network.
+    Returns prompts drawn from the same chain.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = 512
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).cuda()
+    successors, probs = markov_chain(vocab, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = sample_chain(successors, probs, 64, 128, generator).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.to(torch.bfloat16).save_pretrained(path)
+    prompts = sample_chain(successors, probs, 64, 200, generator)
+    lengths = torch.randint(8, 200, (64,), generator=generator).tolist()
+    return [row[:n].tolist() for row, n in zip(prompts, lengths, strict=True)]
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -92,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lm-head-std", type=float, default=0.1,
                         help="spread of the LM head weights: larger = more confident model")
+    parser.add_argument("--trained", action="store_true",
+                        help="train a small model on a Markov chain instead of random weights")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
                                                        "accuracy.json"))
     args = parser.parse_args()
@@ -101,9 +151,16 @@ def main() -> None:
     prompts = [[rng.randrange(3, 32000) for _ in range(rng.randrange(8, 300))]
                for _ in range(args.num_prompts)]
     report = {"device": torch.cuda.get_device_name(), "num_prompts": len(prompts),
-              "max_tokens": args.max_tokens, "lm_head_std": args.lm_head_std}
+              "max_tokens": args.max_tokens}
     with tempfile.TemporaryDirectory() as path:
-        write_checkpoint(path, args.seed, args.lm_head_std)
+        if args.trained:
+            with torch.inference_mode(False), torch.enable_grad():
+                prompts = write_trained_checkpoint(path, args.seed)
+            prompts = prompts[:args.num_prompts]
+            report["model"] = "trained on a sparse Markov chain"
+        else:
+            write_checkpoint(path, args.seed, args.lm_head_std)
+            report["model"] = f"random weights, LM head std {args.lm_head_std}"
         llm = LLM(model=path, dtype="bfloat16", device="cuda", max_model_len=1024,
                   gpu_memory_utilization=0.5)
         ours = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
@@ -134,7 +191,7 @@ def main() -> None:
                                             fp32["forced"]),
     }
     print(f"\ndevice: {report['device']}  {len(prompts)} prompts x {args.max_tokens} tokens, "
-          f"LM head std {args.lm_head_std}")
+          f"{report['model']}")
     print(f"{'comparison':<34}{'identical':>10}{'matched':>9}{'|dlogp| max':>12}"
           f"{'mean':>8}")
     for name, (tokens, reference, logprobs, reference_logprobs) in pairs.items():

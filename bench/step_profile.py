@@ -81,6 +81,26 @@ def profile_one(llm: LLM, prompts, output_len: int, label: str) -> str:
     return f"{label}: {step.num_batched_tokens} tokens, {len(step.scheduled)} seqs\n{table}"
 
 
+def profile_decode(llm: LLM, prompts) -> str:
+    """Profile one pure decode step of the whole batch (a CUDA graph replay when enabled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"d{index}", prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+    while True:
+        step = engine.scheduler.schedule()
+        if all(item.num_tokens == 1 for item in step.scheduled):
+            break
+        engine.scheduler.update(step, engine.runner.execute(step).sampled)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.runner.execute(step)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=16,
+                                      max_name_column_width=60)
+    return f"decode: {len(step.scheduled)} seqs\n{table}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-requests", type=int, default=256)
@@ -98,23 +118,7 @@ def main() -> None:
         summary = timed_steps(llm, prompts, outputs)
         print(json.dumps(summary, indent=1))
         print(profile_one(llm, prompts[:16], 2, "prefill"))
-        engine = llm.engine
-        for index, prompt in enumerate(prompts[:256]):
-            engine.add_request(f"d{index}", prompt[:64], SamplingParams(max_tokens=3,
-                                                                        ignore_eos=True))
-        for _ in range(3):
-            step = engine.scheduler.schedule()
-            if all(item.num_tokens == 1 for item in step.scheduled):
-                break
-            engine.scheduler.update(step, engine.runner.execute(step).sampled)
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            engine.runner.execute(step)
-            torch.cuda.synchronize()
-        print(f"decode: {len(step.scheduled)} seqs")
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14,
-                                        max_name_column_width=60))
+        print(profile_decode(llm, prompts))
     out = os.environ.get("OUT")
     if out:
         Path(out, "step_profile.json").write_text(json.dumps(summary, indent=1))

@@ -121,6 +121,14 @@ class KVCacheManager:
         """
         request_id = request.request_id
         table = self.block_tables.get(request_id)
+        if table is not None and not cached_blocks and reserve == 0:
+            # Decode fast path: the tokens fit in the last block, which is this request's alone.
+            computed = request.num_computed_tokens
+            size = self.block_size
+            if computed + num_new_tokens <= len(table) * size and (
+                computed % size == 0 or self.pool.ref_counts[table[computed // size]] == 1
+            ):
+                return TableUpdate(len(table), [])
         created = table is None
         if created:
             table = self.block_tables[request_id] = []
