@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
-from pagedserve.scheduler.request import Request, RequestStatus
+from pagedserve.scheduler.request import Request
 
 
 @dataclass
@@ -63,7 +63,6 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
     groups = []
     # Every prompt is checked before any is queued; a later failure aborts the queued ones.
     prompt_token_ids = [engine.prompt_token_ids(prompt) for prompt in prompts]
-    parked: list[Request] = []
     try:
         for token_ids in prompt_token_ids:
             sequence_id = f"{id_prefix}-{next(counter)}"
@@ -79,34 +78,19 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
                         logprobs[sequence_id] = entry
                         pending.discard(sequence_id)
                         if pending:
-                            _park(scheduler, sequence_id, parked)
-            _unpark(scheduler, parked)
+                            # Other beams may need more steps (chunked prefill, max_num_seqs,
+                            # preemption); a running beam would decode past the token it is
+                            # forked at, and a fork must agree with every computed token.
+                            scheduler.pause(sequence_id)
+            scheduler.resume_paused()
             for group in groups:
                 _advance(group, logprobs, scheduler, width, eos_ids, params, id_prefix, counter)
     finally:
-        _unpark(scheduler, parked)
+        scheduler.resume_paused()
         for group in groups:
             for beam in group.active:
                 scheduler.abort_request(beam.sequence_id)
     return [_finish(group, width, params.length_penalty, engine.tokenizer) for group in groups]
-
-
-def _park(scheduler, sequence_id: str, parked: list[Request]) -> None:
-    """Keep a beam that already delivered this round's logprobs out of further steps.
-
-    Other beams may need more steps (chunked prefill, max_num_seqs, preemption); meanwhile a
-    running beam would keep decoding past the token it is forked at, and a fork must agree
-    with every token its parent has computed.
-    """
-    request = scheduler.requests.get(sequence_id)
-    if request is not None and request.status is RequestStatus.RUNNING:
-        scheduler.running.remove(request)
-        parked.append(request)
-
-
-def _unpark(scheduler, parked: list[Request]) -> None:
-    scheduler.running.extend(parked)
-    parked.clear()
 
 
 def _advance(group: _Group, logprobs, scheduler, width: int, eos_ids: set[int],

@@ -54,6 +54,8 @@ class Scheduler:
         self.swapped: deque[Request] = deque()
         self.children: dict[str, list[str]] = {}
         """Parent id -> ids of its sequences, for requests with n > 1."""
+        self.paused: dict[str, Request] = {}
+        """Running requests kept out of steps for now (they keep their blocks)."""
         self._fork_pending: set[str] = set()
         self._known_to_workers: set[str] = set()
         self._forgotten: list[str] = []
@@ -101,9 +103,24 @@ class Scheduler:
         request.stop_reason = stop_reason
         self._finish(request, reason)
 
+    def pause(self, request_id: str) -> None:
+        """Keep a running request out of the next steps until resume_paused() (beam search)."""
+        request = self.requests.get(request_id)
+        if request is not None and request.status is RequestStatus.RUNNING \
+                and request_id not in self.paused:
+            self.running.remove(request)
+            self.paused[request_id] = request
+
+    def resume_paused(self) -> None:
+        """Put every paused request back among the running ones."""
+        self.running.extend(self.paused.values())
+        self.paused.clear()
+
     def _remove_from_queues(self, request: Request) -> None:
         status = request.status
-        if status is RequestStatus.RUNNING:
+        if status is RequestStatus.RUNNING and request.request_id in self.paused:
+            del self.paused[request.request_id]
+        elif status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif status is RequestStatus.SWAPPED:
             self.swapped.remove(request)

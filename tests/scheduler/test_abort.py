@@ -161,3 +161,22 @@ def test_abort_everything_midway_with_shared_prefixes():
         s.abort_request(r.request_id)
     assert s.kv.num_free_blocks == GPU and not s.has_unfinished()
     s.kv.check_invariants()
+
+
+def test_paused_request_skips_steps_keeps_blocks_and_aborts_cleanly():
+    s = make()
+    a = add(s, "a", range(1, 6), max_tokens=10)
+    b = add(s, "b", range(1, 4), max_tokens=10, t=1.0)
+    step(s)
+    s.pause("a")
+    out = step(s)
+    assert [item.request_id for item in out.scheduled] == ["b"]
+    assert s.kv.block_tables["a"] == [0, 1]
+    s.resume_paused()
+    out = step(s)
+    assert [item.request_id for item in out.scheduled] == ["b", "a"]
+    s.pause("a")
+    s.abort_request("a")
+    s.abort_request("b")
+    assert s.paused == {}
+    assert_all_returned(s, a, b)
