@@ -111,6 +111,10 @@ class LLMEngine:
         num_blocks = self._num_gpu_blocks(budget)
         block_bytes = bytes_per_block(self.hf_config, config.block_size, self.dtype)
         num_cpu_blocks = int(config.swap_space_gib * GIB) // block_bytes
+        if config.swap_space_gib > 0 and num_cpu_blocks == 0:
+            raise ValueError(f"EngineConfig.swap_space_gib={config.swap_space_gib} holds no KV "
+                             f"block ({block_bytes} bytes each); use 0 or at least "
+                             f"{block_bytes / GIB:.6f}")
         self.kv_caches = allocate_kv_cache_for_config(
             self.hf_config, num_blocks, config.block_size, self.dtype, self.device)
         cpu_caches = None

@@ -101,7 +101,10 @@ class Request:
         num_output = len(self.output_token_ids)
         if num_output >= params.min_tokens and self.output_token_ids[-1] in self._stop_ids:
             self.finish_reason = FinishReason.STOP
-            self.stop_reason = self.output_token_ids[-1]
+            last = self.output_token_ids[-1]
+            # As in vLLM: EOS leaves stop_reason None; a stop token id is reported.
+            self.stop_reason = None if last == self.eos_token_id and \
+                last not in self.sampling_params.all_stop_token_ids() else last
             return True
         if (params.max_tokens is not None and num_output >= params.max_tokens) or (
             self.num_tokens >= max_model_len

@@ -163,7 +163,7 @@ class Scheduler:
 
     def _chunk(self, request: Request, num_new: int, budget: int) -> int:
         threshold = self.config.long_prefill_token_threshold
-        if threshold and num_new > 1:
+        if threshold and num_new > 1 and self.config.enable_chunked_prefill:
             num_new = min(num_new, threshold)
         return min(num_new, budget)
 

@@ -171,3 +171,8 @@ def test_logit_bias_and_stop_token_ids_take_effect(llm):
     assert stopped.outputs[0].finish_reason == "stop"
     assert stopped.outputs[0].stop_reason == 77
     assert_no_leaks(llm)
+
+
+def test_swap_space_smaller_than_one_block_names_swap_space(checkpoint):
+    with pytest.raises(ValueError, match="swap_space_gib"):
+        make_llm(checkpoint("llama"), num_gpu_blocks_override=64, swap_space_gib=1e-12)

@@ -391,6 +391,13 @@ def test_long_prefill_token_threshold_caps_prefill_chunks_not_decodes():
     assert sizes == [[("d", 1), ("long", 4)], [("d", 1), ("long", 4)], [("d", 1), ("long", 2)]]
 
 
+def test_long_prefill_token_threshold_does_not_split_prompts_without_chunked_prefill():
+    s = make(max_num_batched_tokens=16, max_model_len=16, enable_chunked_prefill=False,
+             long_prefill_token_threshold=4)
+    add(s, "a", [1] * 10, max_tokens=3)
+    assert [(i.request_id, i.num_tokens) for i in step(s).scheduled] == [("a", 10)]
+
+
 def test_no_chunked_prefill_waits_for_whole_prompt_budget():
     s = make(max_num_batched_tokens=16, max_model_len=16, enable_chunked_prefill=False)
     add(s, "a", [1] * 10, max_tokens=3)
@@ -450,12 +457,13 @@ def generate(tokens, prompt=(1, 2, 3), eos=None, max_model_len=64, **params):
 
 
 @pytest.mark.parametrize(("tokens", "kwargs", "expected"), [
-    ([5, 2, 9], dict(eos=2), ([5, 2], FinishReason.STOP, 2)),
+    ([5, 2, 9], dict(eos=2), ([5, 2], FinishReason.STOP, None)),
     ([5, 7, 2], dict(eos=2, stop_token_ids=[7]), ([5, 7], FinishReason.STOP, 7)),
     ([5, 6, 8, 9], dict(max_tokens=3), ([5, 6, 8], FinishReason.LENGTH, None)),
-    ([5, 6, 2], dict(eos=2, max_tokens=3), ([5, 6, 2], FinishReason.STOP, 2)),
-    ([2, 2, 5, 2, 9], dict(eos=2, min_tokens=3), ([2, 2, 5, 2], FinishReason.STOP, 2)),
-    ([2, 2, 2, 9], dict(eos=2, min_tokens=3), ([2, 2, 2], FinishReason.STOP, 2)),
+    ([5, 6, 2], dict(eos=2, max_tokens=3), ([5, 6, 2], FinishReason.STOP, None)),
+    ([2, 2, 5, 2, 9], dict(eos=2, min_tokens=3), ([2, 2, 5, 2], FinishReason.STOP, None)),
+    ([2, 2, 2, 9], dict(eos=2, min_tokens=3), ([2, 2, 2], FinishReason.STOP, None)),
+    ([5, 2], dict(eos=2, stop_token_ids=[2]), ([5, 2], FinishReason.STOP, 2)),
     ([7, 7], dict(stop_token_ids=[7], min_tokens=2), ([7, 7], FinishReason.STOP, 7)),
     ([2, 2, 2, 2], dict(eos=2, ignore_eos=True, max_tokens=3),
      ([2, 2, 2], FinishReason.LENGTH, None)),
