@@ -22,7 +22,7 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype,
               tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, n=args.n, seed=args.seed)
+                            max_tokens=args.max_tokens, n=args.n)
     prompts = args.prompt or DEFAULT_PROMPTS
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("-n", "--n", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="engine seed (reproducible runs)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--tensor-parallel-size", type=int, default=1)

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-NAME = "tiny-llama-bytes-v1"
+NAME = "tiny-llama-bytes-v2"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n"
@@ -56,15 +56,22 @@ def _write(target: Path) -> None:
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config)
+    printable = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(chr(byte))[0])
+                 for byte in range(32, 127)]
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.normal_(0.0, 0.5 if "embed" in name else 0.08)
+        # Only printable ASCII gets large output weights, so sampled text is readable noise
+        # rather than invalid UTF-8.
+        lm_head = model.lm_head.weight
+        lm_head.zero_()
+        lm_head[printable] = torch.randn(len(printable), config.hidden_size) * 0.3
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
 
