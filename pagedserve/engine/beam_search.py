@@ -84,7 +84,8 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
                             scheduler.pause(sequence_id)
             scheduler.resume_paused()
             for group in groups:
-                _advance(group, logprobs, scheduler, width, eos_ids, params, id_prefix, counter)
+                _advance(group, logprobs, scheduler, width, eos_ids, params, id_prefix, counter,
+                         engine.max_model_len)
     finally:
         scheduler.resume_paused()
         for group in groups:
@@ -94,7 +95,7 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
 
 
 def _advance(group: _Group, logprobs, scheduler, width: int, eos_ids: set[int],
-             params: BeamSearchParams, id_prefix: str, counter) -> None:
+             params: BeamSearchParams, id_prefix: str, counter, max_model_len: int) -> None:
     candidates = []
     for beam in group.active:
         for token_id, logprob in logprobs[beam.sequence_id].top[:2 * width]:
@@ -105,7 +106,8 @@ def _advance(group: _Group, logprobs, scheduler, width: int, eos_ids: set[int],
         if len(survivors) == width:
             break
         token_ids = [*beam.token_ids, token_id]
-        if token_id in eos_ids or len(token_ids) >= params.max_tokens:
+        if (token_id in eos_ids or len(token_ids) >= params.max_tokens
+                or len(group.prompt_token_ids) + len(token_ids) >= max_model_len):
             group.done.append(BeamSequence(token_ids, logprob))
             continue
         child_id = f"{id_prefix}-{next(counter)}"

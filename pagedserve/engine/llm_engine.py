@@ -23,8 +23,9 @@ from pagedserve.scheduler.request import FinishReason, Request
 from pagedserve.scheduler.scheduler import Scheduler, child_request_id
 from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
 from pagedserve.workers.loader import load_config, load_model, resolve_dtype
-from pagedserve.workers.model_runner import ModelRunner, StepResult, TokenLogprobs
+from pagedserve.workers.model_runner import ModelRunner
 from pagedserve.workers.profiling import profile_kv_cache_bytes
+from pagedserve.workers.step_result import StepResult, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,14 @@ def _eos_token_ids(hf_config: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+class EngineStepError(RuntimeError):
+    """A model step failed; the requests in it were aborted. `outputs` are their final states."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput]) -> None:
+        super().__init__(message)
+        self.outputs = outputs
+
+
 class LLMEngine:
     """One model replica on this process: add requests, call step() until done."""
 
@@ -96,8 +105,12 @@ class LLMEngine:
                                 dtype=self.dtype, device=self.device,
                                 load_format=config.load_format, seed=config.seed)
         self.model.eval()
-        self.max_model_len = config.max_model_len or min(
-            getattr(self.hf_config, "max_position_embeddings", 8192), 8192)
+        max_positions = getattr(self.hf_config, "max_position_embeddings", 8192)
+        if config.max_model_len is not None and config.max_model_len > max_positions:
+            raise ValueError(f"EngineConfig.max_model_len must be <= the model's "
+                             f"max_position_embeddings ({max_positions}), got "
+                             f"{config.max_model_len}")
+        self.max_model_len = config.max_model_len or min(max_positions, 8192)
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer)
         budget = config.max_num_batched_tokens or max(2048, self.max_model_len)
         if not config.enable_chunked_prefill:
@@ -200,12 +213,11 @@ class LLMEngine:
         params.check_vocab(vocab)
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; use stop_token_ids")
-        if len(self.eos_token_ids) > 1:
+        if len(self.eos_token_ids) > 1 and not params.ignore_eos:
             params = dataclasses.replace(params, extra_stop_token_ids=self.eos_token_ids[1:])
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         request = Request(request_id, token_ids, params, eos_token_id=eos, priority=priority,
                           cache_salt=cache_salt)
-        self.scheduler.add_request(request)
         n = params.n
         tracked = _Tracked(
             request_id, text, token_ids, params,
@@ -219,6 +231,8 @@ class LLMEngine:
         )
         tracked.sequence_ids = [child_request_id(request_id, i) for i in range(n)] \
             if n > 1 else [request_id]
+        # Queued last: if the scheduler refuses the request, nothing here refers to it.
+        self.scheduler.add_request(request)
         self._tracked[request_id] = tracked
         for index, sequence_id in enumerate(tracked.sequence_ids):
             self._sequence_owner[sequence_id] = (tracked, index)
@@ -245,26 +259,37 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the requests that changed (finished ones included)."""
+        """Run one scheduler step; returns the requests that changed (finished ones included).
+
+        If the model step fails, every request that was in it is aborted (its blocks freed) and
+        EngineStepError carries their final outputs; the engine stays usable.
+        """
         scheduler = self.scheduler
         unfinished, preemptions = scheduler.num_unfinished, scheduler.num_preemptions
         step = scheduler.schedule()
+        now = time.monotonic()
+        changed: dict[str, _Tracked] = {}
+        for request in scheduler.take_dropped():
+            self._close_sequence(request, changed, now)
         # A step that preempted or finished something admits nothing; the next one may.
         if step.is_empty and not scheduler.running and scheduler.has_unfinished() \
                 and (unfinished, preemptions) == (scheduler.num_unfinished,
                                                   scheduler.num_preemptions):
+            self.runner.execute(step)  # still tell the workers what to forget
             raise RuntimeError("scheduler made no progress with requests waiting; the KV cache "
                                "is too small for the waiting prompts")
-        now = time.monotonic()
         for item in step.scheduled:
             owner = self._sequence_owner.get(item.request_id) or self._owner_of_parent(
                 item.request_id)
             if owner is not None and owner[0].metrics.first_scheduled_time is None:
                 owner[0].metrics.first_scheduled_time = now
-        result = self.runner.execute(step)
+        try:
+            result = self.runner.execute(step)
+            emitted = scheduler.update(step, result.sampled)
+        except Exception as error:
+            raise EngineStepError(f"model step failed: {error}",
+                                  self._abort_step(step)) from error
         self.last_result = result
-        emitted = self.scheduler.update(step, result.sampled)
-        changed: dict[str, _Tracked] = {}
         for request_id, (start, entries) in result.prompt_logprobs.items():
             tracked = self._tracked.get(request_id)
             if tracked is not None and tracked.prompt_logprobs is not None:
@@ -279,7 +304,9 @@ class LLMEngine:
             tracked, index = owner
             self._on_token(tracked, index, request, result, now)
             changed[tracked.request_id] = tracked
-        self._finish_dropped_sequences(changed, now)
+        return self._collect(changed)
+
+    def _collect(self, changed: dict[str, _Tracked]) -> list[RequestOutput]:
         outputs = []
         for tracked in changed.values():
             outputs.append(tracked.snapshot())
@@ -289,24 +316,39 @@ class LLMEngine:
                     self._sequence_owner.pop(sequence_id, None)
         return outputs
 
-    def _finish_dropped_sequences(self, changed: dict[str, _Tracked], now: float) -> None:
-        """Finish sequences the scheduler ended without emitting a token.
-
-        The scheduler finishes a sequence with 'length' when, at preemption, it has outgrown
-        the whole KV cache; without this its request would never finish (generate() hangs).
-        """
-        requests = self.scheduler.requests
-        for tracked in self._tracked.values():
-            if tracked.request_id in requests:  # running, or n > 1 and not yet forked
-                continue
-            for index, sequence_id in enumerate(tracked.sequence_ids):
-                completion = tracked.outputs[index]
-                if completion.finish_reason is None and sequence_id not in requests:
-                    completion.finish_reason = FinishReason.LENGTH.value
+    def _abort_step(self, step) -> list[RequestOutput]:
+        """Abort every request that had a sequence in a failed step; their final outputs."""
+        failed: dict[str, _Tracked] = {}
+        for item in step.scheduled:
+            owner = self._sequence_owner.get(item.request_id) or self._owner_of_parent(
+                item.request_id)
+            if owner is not None:
+                failed[owner[0].request_id] = owner[0]
+        for tracked in failed.values():
+            self.scheduler.abort_request(tracked.request_id)
+            for completion in tracked.outputs:
+                if completion.finish_reason is None:
+                    completion.finish_reason = FinishReason.ABORT.value
                     tracked.num_finished += 1
-                    changed[tracked.request_id] = tracked
-                    if tracked.num_finished == len(tracked.outputs):
-                        tracked.metrics.finished_time = now
+        return self._collect(failed)
+
+    def _close_sequence(self, request: Request, changed: dict[str, _Tracked],
+                        now: float) -> None:
+        """Report a sequence the scheduler finished (its final text, reason and timing)."""
+        owner = self._sequence_owner.get(request.request_id)
+        if owner is None:
+            return
+        tracked, index = owner
+        completion = tracked.outputs[index]
+        detokenizer = tracked.detokenizers[index]
+        if detokenizer is not None:
+            completion.text = detokenizer.flush()
+        completion.finish_reason = request.finish_reason.value
+        completion.stop_reason = request.stop_reason
+        tracked.num_finished += 1
+        if tracked.num_finished == len(tracked.outputs):
+            tracked.metrics.finished_time = now
+        changed[tracked.request_id] = tracked
 
     def _owner_of_parent(self, request_id: str) -> tuple[_Tracked, int] | None:
         tracked = self._tracked.get(request_id)
@@ -335,10 +377,4 @@ class LLMEngine:
             elif stop is not None and request.status.is_finished:
                 request.finish_reason, request.stop_reason = FinishReason.STOP, stop
         if request.status.is_finished:
-            if detokenizer is not None:
-                completion.text = detokenizer.flush()
-            completion.finish_reason = request.finish_reason.value
-            completion.stop_reason = request.stop_reason
-            tracked.num_finished += 1
-            if tracked.num_finished == len(tracked.outputs):
-                metrics.finished_time = now
+            self._close_sequence(request, {}, now)

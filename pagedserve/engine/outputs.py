@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedserve.workers.model_runner import TokenLogprobs
+from pagedserve.workers.step_result import TokenLogprobs
 
 
 @dataclass

@@ -59,12 +59,16 @@ class Scheduler:
         self._fork_pending: set[str] = set()
         self._known_to_workers: set[str] = set()
         self._forgotten: list[str] = []
+        self._dropped: list[Request] = []
         self.num_preemptions = 0
 
     # ---- requests in and out ------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         """Queue a request; one with n > 1 is split into n sequences after its shared prefill."""
+        if "/" in request.request_id:
+            raise ValueError(f"request id {request.request_id!r} must not contain '/' (reserved "
+                             "for the sequences of requests with n > 1)")
         if request.request_id in self.requests or request.request_id in self.children:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         max_len = self.config.max_model_len
@@ -128,8 +132,12 @@ class Scheduler:
             self.waiting.remove(request)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
-        request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Mark a request finished and give back everything it holds."""
+        request.status = RequestStatus.FINISHED
         self.kv.free(request.request_id)
         del self.requests[request.request_id]
         self._forget(request.request_id)
@@ -145,6 +153,12 @@ class Scheduler:
         if request_id in self._known_to_workers:
             self._known_to_workers.discard(request_id)
             self._forgotten.append(request_id)
+
+    def take_dropped(self) -> list[Request]:
+        """Sequences the scheduler finished on its own without a new token (they outgrew the
+        whole KV cache) since the last call; the caller reports them."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     @property
     def num_unfinished(self) -> int:
@@ -212,6 +226,7 @@ class Scheduler:
             logger.warning("request %s outgrew the whole KV cache (%d tokens); finishing it",
                            request.request_id, request.num_tokens)
             self._finish(request, FinishReason.LENGTH)
+            self._dropped.append(request)
             return
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -335,11 +350,7 @@ class Scheduler:
                 request.append_token(sampled[item.request_id])
                 emitted.append(request)
                 if request.check_stop(self.config.max_model_len):
-                    request.status = RequestStatus.FINISHED
-                    self.kv.free(request.request_id)
-                    del self.requests[request.request_id]
-                    self._forget(request.request_id)
-                    self._drop_finished_family(request)
+                    self._release(request)
                     finished = True
             elif (request.request_id in self._fork_pending
                   and request.num_computed_tokens == request.num_prompt_tokens - 1):

@@ -8,7 +8,7 @@ moves (swap out, swap in, copy-on-write) run before the forward, in that order.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,31 +24,9 @@ from pagedserve.workers.attention import AttentionMetadata, KVCache
 from pagedserve.workers.cuda_graphs import DecodeGraphs
 from pagedserve.workers.sampler import LogprobsTensors, compute_prompt_logprobs, sample
 from pagedserve.workers.sampling_batch import SamplingBatch, SamplingRequest
+from pagedserve.workers.step_result import StepResult, TokenLogprobs
 
 logger = logging.getLogger(__name__)
-
-TopLogprobs = list[tuple[int, float]]
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprob of one chosen token, its rank (1 = most likely) and the top alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: TopLogprobs
-
-
-@dataclass
-class StepResult:
-    """Plain-data result of one step (crosses process boundaries)."""
-
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
-    """request id -> (index of the first prompt token covered, logprobs of consecutive tokens)."""
-
 
 @dataclass
 class _RequestState:
@@ -56,6 +34,26 @@ class _RequestState:
     output_token_ids: list[int]
     params: SamplingParams
     block_table: list[int]
+
+
+def conflict_free_waves(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Split (src, dst) copies, in order, into batches whose pairs may run in parallel.
+
+    A block freed during scheduling can be a copy's destination after an earlier copy in the
+    same step read it; running both at once would race, so a pair touching a block that the
+    current batch writes (or reads, for its destination) starts a new batch.
+    """
+    waves: list[list[tuple[int, int]]] = []
+    sources: set[int] = set()
+    targets: set[int] = set()
+    for src, dst in pairs:
+        if not waves or src in targets or dst in sources or dst in targets:
+            waves.append([])
+            sources, targets = set(), set()
+        waves[-1].append((src, dst))
+        sources.add(src)
+        targets.add(dst)
+    return waves
 
 
 def _to_token_logprobs(tensors: LogprobsTensors, rows: range | list[int],
@@ -120,10 +118,10 @@ class ModelRunner:
             for src_layer, dst_layer in zip(sources, targets, strict=True):
                 for src, dst in zip(src_layer, dst_layer, strict=True):
                     swap(src, dst, mapping)
-        if step.blocks_to_copy:
-            mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64, device=self.device)
-            (copy_blocks if on_gpu else copy_blocks_reference)(
-                [k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
+        copy = copy_blocks if on_gpu else copy_blocks_reference
+        for wave in conflict_free_waves(step.blocks_to_copy):
+            mapping = torch.tensor(wave, dtype=torch.int64, device=self.device)
+            copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
 
     # ---- inputs -------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""The in-process engine: step loop, detokenization, beam search, outputs, default model."""
