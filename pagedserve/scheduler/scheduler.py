@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections import deque
 
+from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import CacheConfig, ConfigError, SchedulerConfig
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager, TableUpdate
 from pagedserve.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
@@ -360,8 +361,7 @@ class Scheduler:
         return emitted
 
     def fork_sequence(self, parent_id: str, child_id: str,
-                      output_token_ids: list[int] | None = None,
-                      sampling_params=None) -> Request:
+                      output_token_ids: list[int] | None = None) -> Request:
         """A new running sequence sharing every KV block of a running parent (beam search).
 
         The child's tokens are the parent's prompt plus `output_token_ids` (default: the
@@ -375,10 +375,22 @@ class Scheduler:
         if child_id in self.requests:
             raise ValueError(f"request id {child_id!r} is already in use")
         outputs = list(parent.output_token_ids if output_token_ids is None else output_token_ids)
+        computed = parent.num_computed_tokens
+        num_prompt = parent.num_prompt_tokens
+        if (parent.prompt_token_ids + outputs)[:computed] != parent.token_ids(0, computed) or (
+            num_prompt + len(outputs) <= computed
+        ):
+            raise ValueError(f"fork of {parent_id!r}: the child's tokens must extend the "
+                             f"parent's {computed} computed tokens")
+        return self._make_child(parent, child_id, outputs, parent.sampling_params)
+
+    def _make_child(self, parent: Request, child_id: str, outputs: list[int],
+                    params: SamplingParams) -> Request:
+        """A running sequence sharing the parent's blocks and computed tokens."""
         child = Request(
             request_id=child_id,
             prompt_token_ids=parent.prompt_token_ids,
-            sampling_params=sampling_params or parent.sampling_params,
+            sampling_params=params,
             eos_token_id=parent.eos_token_id,
             arrival_time=parent.arrival_time,
             priority=parent.priority,
@@ -386,17 +398,12 @@ class Scheduler:
             output_token_ids=outputs,
             num_computed_tokens=parent.num_computed_tokens,
             num_cached_tokens=parent.num_cached_tokens,
-            parent_id=parent.parent_id or parent_id,
+            parent_id=parent.parent_id or parent.request_id,
             status=RequestStatus.RUNNING,
         )
-        computed = parent.num_computed_tokens
-        if child.token_ids(0, computed) != parent.token_ids(0, computed) or (
-            child.num_tokens <= computed
-        ):
-            raise ValueError(f"fork of {parent_id!r}: the child's tokens must extend the "
-                             f"parent's {computed} computed tokens")
-        child.block_hashes = list(parent.block_hashes[:computed // self.kv.block_size])
-        self.kv.fork(parent_id, child_id)
+        child.block_hashes = list(
+            parent.block_hashes[:parent.num_computed_tokens // self.kv.block_size])
+        self.kv.fork(parent.request_id, child_id)
         self.requests[child_id] = child
         self.running.append(child)
         return child
@@ -406,16 +413,15 @@ class Scheduler:
         parent_id = parent.request_id
         self._fork_pending.discard(parent_id)
         params = parent.sampling_params
-        if parent.status is not RequestStatus.RUNNING:
-            parent.status = RequestStatus.RUNNING
-            self.running.append(parent)
         for index in range(params.n):
             child_params = dataclasses.replace(
                 params, n=1, seed=None if params.seed is None else params.seed + index)
             child_id = child_request_id(parent_id, index)
-            self.fork_sequence(parent_id, child_id, [], child_params)
+            self._make_child(parent, child_id, [], child_params)
             self.children[parent_id].append(child_id)
-        self.running.remove(parent)
+        if parent.status is RequestStatus.RUNNING:
+            self.running.remove(parent)
+        parent.status = RequestStatus.FINISHED
         self.kv.free(parent_id)
         del self.requests[parent_id]
         self._forget(parent_id)
