@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.checks import check_same_device
+
 __all__ = ["write_kv", "write_kv_reference"]
 
 
@@ -54,9 +56,7 @@ def _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping) ->
         raise TypeError(
             f"key, value and the caches must share one dtype, got {sorted(map(str, dtypes))}"
         )
-    devices = {t.device for t in (key, value, key_cache, value_cache, slot_mapping)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    check_same_device((key, value, key_cache, value_cache, slot_mapping))
 
 
 def write_kv_reference(

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.checks import check_same_device
+
 __all__ = ["paged_attention", "paged_attention_reference"]
 
 _MAX_HEAD_DIM = 256
@@ -126,9 +128,7 @@ def _validate_args(
     tensors = [query, key_cache, value_cache, block_tables, query_start_loc, seq_lens]
     if out is not None:
         tensors.append(out)
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    check_same_device(tensors)
 
 
 # --------------------------------------------------------------------------------------------

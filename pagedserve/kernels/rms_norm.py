@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.checks import check_same_device
+
 __all__ = ["MAX_HIDDEN_SIZE", "rms_norm", "rms_norm_reference"]
 
 MAX_HIDDEN_SIZE = 16384  # one row is held in registers: 16384 fp32 over 16 warps = 32 per thread
@@ -62,9 +64,7 @@ def _validate_rms_norm_args(x, weight, eps, residual, out) -> None:
                 f"out must be {tuple(x.shape)} {expected}, got {tuple(out.shape)} {out.dtype}"
             )
         tensors.append(out)
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    check_same_device(tensors)
 
 
 def rms_norm_reference(

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.checks import check_same_device
+
 __all__ = ["apply_rotary", "apply_rotary_reference"]
 
 MAX_HEAD_DIM = 256
@@ -64,9 +66,7 @@ def _validate_rotary_args(positions, q, k, cos_sin_cache) -> None:
         raise TypeError(f"cos_sin_cache must be fp32, got {cos_sin_cache.dtype}")
     if cos_sin_cache.stride(-1) != 1:
         raise ValueError(f"cos_sin_cache rows must be contiguous, got {cos_sin_cache.stride()}")
-    devices = {t.device for t in (positions, q, k, cos_sin_cache)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    check_same_device((positions, q, k, cos_sin_cache))
 
 
 def apply_rotary_reference(
