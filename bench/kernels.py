@@ -42,6 +42,7 @@ HEAD_SHAPES = {  # name: (q heads, kv heads, head_dim)
     "llama3-70b-tp2": (32, 4, 128),
 }
 L2_FLUSH_BYTES = 256 * 2**20  # rotate input sets until this many bytes are touched per round
+GRAPH_CALLS = 8  # attention calls per timed CUDA graph (a served decode graph holds 32-80)
 
 
 def bench_ms(fn, quick=False) -> float:
@@ -171,8 +172,11 @@ def time_rotating(fn, sets, quick) -> float:
 
 
 def time_graph(fn, sets, quick) -> float:
-    """Device time per call: one CUDA graph holding one call per input set, replayed (decode
-    runs under CUDA graphs in the server, so this is the time that matters there)."""
+    """Device time per call, as a decode step sees it: one CUDA graph holding at least
+    ``GRAPH_CALLS`` calls that cycle through the input sets, replayed. A served decode step is one
+    graph with one attention call per layer, so the graph's own launch cost is shared by dozens
+    of calls; timing a graph of one call would charge all of it to that call."""
+    calls = sets * math.ceil(GRAPH_CALLS / sets)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -181,9 +185,9 @@ def time_graph(fn, sets, quick) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for index in range(sets):
-            fn(index)
-    return bench_ms(graph.replay, quick) / sets
+        for call in range(calls):
+            fn(call % sets)
+    return bench_ms(graph.replay, quick) / calls
 
 
 def pick_sdpa_backend(problem):
@@ -233,7 +237,9 @@ def time_flex(problem, quick):
 
 
 def sets_for(kv_bytes: int) -> int:
-    return max(1, min(64, math.ceil(L2_FLUSH_BYTES / max(kv_bytes, 1))))
+    """Input sets to rotate through: at least two, so back-to-back calls never read the same K/V,
+    and enough that one round touches ``L2_FLUSH_BYTES``."""
+    return max(2, min(64, math.ceil(L2_FLUSH_BYTES / max(kv_bytes, 1))))
 
 
 def check_correctness(results):
@@ -289,11 +295,12 @@ def _tune_decode_point(results, name, batch, ctx):
             return
         rows.append(dict(config=config.__dict__, ms=ms, floor_pct=100 * floor_ms / ms))
 
-    for (warps, stages), splits in itertools.product(
-        ((2, 2), (4, 2), (4, 3)), sorted({1, 2, 3, 4, 6, 8, 12, 16, 32, default.num_kv_splits})
+    tiles = ((64, 2, 2), (64, 4, 2), (64, 2, 3), (32, 2, 4), (128, 4, 2))
+    for (block_n, warps, stages), splits in itertools.product(
+        tiles, sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, default.num_kv_splits})
     ):
-        if splits <= max(1, ctx // 256):
-            try_config(AttentionConfig(default.block_q, 64, splits, warps, stages))
+        if splits <= max(1, ctx // (4 * block_n)):
+            try_config(AttentionConfig(default.block_q, block_n, splits, warps, stages))
     rows.sort(key=lambda row: row.get("ms", 1e9))
     results["tune"].append(
         dict(
@@ -412,7 +419,10 @@ def _prefill_point(results, name, batch, quick):
 def tune(results, quick):
     """Sweep launch configurations at representative decode and prefill points."""
     decode_points = [
+        ("llama3-8b", 1, 4096),
+        ("llama3-8b", 1, 16384),
         ("llama3-8b", 1, 32768),
+        ("llama3-70b-tp2", 1, 32768),
         ("llama3-8b", 8, 8192),
         ("llama3-8b", 32, 4096),
         ("llama3-70b-tp2", 8, 16384),

@@ -21,10 +21,13 @@ read once for all of them and the matrix units see M = BLOCK_Q * GROUP_PAD rows 
 decode. Keys are walked in tiles of BLOCK_N positions, independent of the cache block size:
 each key row finds its physical block through the block table. Online softmax in fp32 (base 2).
 When the batch has too few (sequence, KV head) pairs to fill the GPU (small-batch decode), the
-key range is cut into ``num_kv_splits`` pieces whose partial results (unnormalised accumulator,
-running max, running sum) a second kernel merges (flash-decoding). All index math on positions
-and block ids is int64. Grid sizes come from host integers only, so decode launches can be
-captured in a CUDA graph.
+key range is cut into ``num_kv_splits`` pieces (flash-decoding). Each split writes its partial
+result (unnormalised accumulator, running max, running sum) and takes a ticket from a per-tile
+counter; the split that takes the last ticket merges all partials and resets the counter, so
+there is no second launch (it cost 3-5 us of a 60-90 us decode call). The counters live in one
+zeroed buffer per device, which is why split launches on one device must not run concurrently
+on two streams. All index math on positions and block ids is int64. Grid sizes come from host
+integers only, so decode launches can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from pagedserve.kernels.checks import check_same_device
 __all__ = ["paged_attention", "paged_attention_reference"]
 
 _MAX_HEAD_DIM = 256
-_DECODE_PROGRAMS_PER_SM = 3
-_MAX_KV_SPLITS = 64
+_DECODE_PROGRAMS_PER_SM = 2
+_MAX_KV_SPLITS = 32
 _LOG2_E = 1.4426950408889634
+_MERGE_UNROLL: tl.constexpr = tl.constexpr(4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,12 +296,15 @@ def _paged_attention_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
-    out_ptr,  # final output, or the fp32 split accumulators [tokens, q_heads, splits, HEAD_DIM_PAD]
+    out_ptr,
+    split_acc_ptr,  # fp32 [tokens, q_heads, splits, HEAD_DIM_PAD] (split path only)
     split_max_ptr,  # fp32 [tokens, q_heads, splits] (split path only)
     split_sum_ptr,  # fp32 [tokens, q_heads, splits] (split path only)
+    split_counter_ptr,  # int32, one zeroed counter per (seq, kv head, q tile) (split path only)
     scale_log2,  # softmax scale * log2(e): the softmax runs in base 2
     sliding_window,
     num_q_heads,
+    num_kv_heads,
     num_kv_splits,
     keys_per_split,  # multiple of BLOCK_N
     stride_query_token,
@@ -320,6 +327,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     USE_SLIDING_WINDOW: tl.constexpr,
     SPLIT_KV: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
@@ -443,68 +451,92 @@ def _paged_attention_kernel(
 
     out_row = (q_begin + row_token).to(tl.int64) * num_q_heads + row_q_head
     if SPLIT_KV:
-        split_row = out_row * num_kv_splits + split
-        tl.store(split_max_ptr + split_row, running_max, mask=row_valid)
-        tl.store(split_sum_ptr + split_row, running_sum, mask=row_valid)
+        split_rows = out_row * num_kv_splits
+        tl.store(split_max_ptr + split_rows + split, running_max, mask=row_valid)
+        tl.store(split_sum_ptr + split_rows + split, running_sum, mask=row_valid)
         tl.store(
-            out_ptr + split_row[:, None] * HEAD_DIM_PAD + dims[None, :],
+            split_acc_ptr + (split_rows + split)[:, None] * HEAD_DIM_PAD + dims[None, :],
             acc,
             mask=row_valid[:, None],
         )
-    else:
-        # Every valid row saw at least its own key, so running_sum > 0; padding rows divide by 1.
-        result = acc / tl.where(row_valid, running_sum, 1.0)[:, None]
-        tl.store(
-            out_ptr
-            + (q_begin + row_token)[:, None] * stride_out_token
-            + row_q_head[:, None] * stride_out_head
-            + dims[None, :],
-            result.to(out_ptr.dtype.element_ty),
-            mask=row_dim_mask,
+        # Every thread's partial stores happen before the release of the ticket; the last
+        # split's acquire makes all splits' partials visible to it.
+        tl.debug_barrier()
+        counter = split_counter_ptr + (seq * num_kv_heads + kv_head) * tl.num_programs(0) + q_tile
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket != num_kv_splits - 1:
+            return
+        tl.store(counter, 0)
+        acc, running_max, running_sum = _merge_splits(
+            split_acc_ptr,
+            split_max_ptr,
+            split_sum_ptr,
+            split_rows,
+            num_kv_splits,
+            row_valid,
+            dims,
+            BLOCK_M,
+            HEAD_DIM_PAD,
+            SPLITS_PAD,
         )
+    # Every valid row saw at least its own key, so running_sum > 0; padding rows divide by 1.
+    result = acc / tl.where(row_valid, running_sum, 1.0)[:, None]
+    tl.store(
+        out_ptr
+        + (q_begin + row_token)[:, None] * stride_out_token
+        + row_q_head[:, None] * stride_out_head
+        + dims[None, :],
+        result.to(out_ptr.dtype.element_ty),
+        mask=row_dim_mask,
+    )
 
 
 @triton.jit
-def _merge_kv_splits_kernel(
-    split_acc_ptr,  # fp32 [tokens, q_heads, splits, HEAD_DIM_PAD]
-    split_max_ptr,  # fp32 [tokens, q_heads, splits]
-    split_sum_ptr,  # fp32 [tokens, q_heads, splits]
-    out_ptr,
-    query_start_loc_ptr,
-    num_seqs,
-    num_q_heads,
+def _merge_splits(
+    split_acc_ptr,
+    split_max_ptr,
+    split_sum_ptr,
+    split_rows,
     num_kv_splits,
-    stride_out_token,
-    stride_out_head,
-    HEAD_DIM: tl.constexpr,
+    row_valid,
+    dims,
+    BLOCK_M: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    q_head = tl.program_id(1)
-    # Rows past the last sequence are padding: their partials were never written.
-    if token >= tl.load(query_start_loc_ptr + num_seqs):
-        return
+    """Softmax-weighted merge of every split's partial result for the tile's rows.
+
+    The statistics of all splits come in one load, so the weights are known up front and the
+    accumulator loads do not wait on each other: they are issued ``_MERGE_UNROLL`` at a time
+    (one L2 round trip per group instead of one per split). Loads bypass L1 (``.cg``): the
+    partials were written by other SMs.
+    """
     splits = tl.arange(0, SPLITS_PAD)
-    split_valid = splits < num_kv_splits
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    split_row = (token * num_q_heads + q_head) * num_kv_splits + splits
-    split_max = tl.load(split_max_ptr + split_row, mask=split_valid, other=float("-inf"))
-    split_sum = tl.load(split_sum_ptr + split_row, mask=split_valid, other=0.0)
-    split_acc = tl.load(
-        split_acc_ptr + split_row[:, None] * HEAD_DIM_PAD + dims[None, :],
-        mask=split_valid[:, None],
-        other=0.0,
+    stats_offsets = split_rows[:, None] + splits[None, :]
+    stats_mask = row_valid[:, None] & (splits < num_kv_splits)[None, :]
+    split_max = tl.load(
+        split_max_ptr + stats_offsets, mask=stats_mask, other=-1.0e30, cache_modifier=".cg"
     )
+    split_sum = tl.load(
+        split_sum_ptr + stats_offsets, mask=stats_mask, other=0.0, cache_modifier=".cg"
+    )
+    merged_max = tl.max(split_max, 1)
     # Splits that saw no key carry max -1e30 and sum 0: their weight underflows to 0.
-    weight = tl.exp2(split_max - tl.max(split_max, 0))
-    total = tl.sum(split_sum * weight, 0)
-    result = tl.sum(split_acc * weight[:, None], 0) / total
-    tl.store(
-        out_ptr + token * stride_out_token + q_head * stride_out_head + dims,
-        result.to(out_ptr.dtype.element_ty),
-        mask=dims < HEAD_DIM,
-    )
+    weights = tl.exp2(split_max - merged_max[:, None])
+    merged_sum = tl.sum(split_sum * weights, 1)
+    merged_acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for first_split in range(0, num_kv_splits, _MERGE_UNROLL):
+        for offset in tl.static_range(_MERGE_UNROLL):
+            split = first_split + offset
+            weight = tl.sum(tl.where(splits[None, :] == split, weights, 0.0), 1)
+            split_acc = tl.load(
+                split_acc_ptr + (split_rows + split)[:, None] * HEAD_DIM_PAD + dims[None, :],
+                mask=row_valid[:, None] & (split < num_kv_splits),
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            merged_acc += split_acc * weight[:, None]
+    return merged_acc, merged_max, merged_sum
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,6 +553,28 @@ class AttentionConfig:
     num_kv_splits: int
     num_warps: int
     num_stages: int
+
+
+_MIN_SPLIT_COUNTERS = 1 << 16
+_split_counter_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """The device's zeroed split-KV ticket counters (the kernel leaves them zeroed again).
+
+    Allocated on first use, outside any CUDA-graph capture: a buffer born inside a capture would
+    live in the graph's private memory pool.
+    """
+    buffer = _split_counter_buffers.get(device)
+    if buffer is None or buffer.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"split-KV attention needs {count} counters on {device} but none were allocated "
+                "before this CUDA-graph capture: run the same launch once eagerly first (warm-up)"
+            )
+        buffer = torch.zeros(max(count, _MIN_SPLIT_COUNTERS), dtype=torch.int32, device=device)
+        _split_counter_buffers[device] = buffer
+    return buffer
 
 
 @functools.lru_cache(maxsize=8)
@@ -552,27 +606,26 @@ def select_config(
     max_block_q = max(min_block_q, (64 if head_dim_pad > 128 else 128) // group_pad)
     block_q = min(max(triton.next_power_of_2(max(max_query_len, 1)), min_block_q), max_block_q)
     is_decode = block_q * group_pad <= 16
-    block_n = 32 if head_dim_pad > 128 else 64 if is_decode else 128
+    block_n = 32 if head_dim_pad > 128 else 128
     if num_kv_splits is None:
         num_kv_splits = 1
         num_q_tiles = triton.cdiv(max(max_query_len, 1), block_q)
         programs = num_seqs * num_kv_heads * num_q_tiles
-        # About three decode programs fit on an SM at once (2 stages of K and V tiles in
-        # shared memory) and decode only streams at full bandwidth when those slots stay
-        # full. When the batch leaves slots empty, split the keys so the programs number about
-        # 1.3x the slots (the best point of the split sweeps at 8 to 256 programs), keeping
-        # >= 4 key tiles per split.
-        slots = _DECODE_PROGRAMS_PER_SM * _num_sms(device)
-        if device.type == "cuda" and num_q_tiles == 1 and programs < slots:
-            wanted = max(2, round(1.3 * slots / programs))
-            affordable = max(1, max_seq_len // (4 * block_n))
+        # Decode streams at full bandwidth once about two programs per SM are in flight (the
+        # H100 sweep's best point from 4 to 256 programs). Fewer (small batches) split the keys
+        # up to that count, keeping >= 4 key tiles per split and at most 32 splits: past that
+        # the per-split fixed costs and the merge outweigh the extra parallelism.
+        if device.type == "cuda" and num_q_tiles == 1:
+            wanted = round(_DECODE_PROGRAMS_PER_SM * _num_sms(device) / programs)
+            affordable = max_seq_len // (4 * block_n)
             num_kv_splits = max(1, min(wanted, affordable, _MAX_KV_SPLITS))
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
     if is_decode:
-        # Decode is bound by K/V bytes: 2 warps and 2 stages leave room for 3 programs per SM
-        # (3 stages fit only 2 and lose 15-30%; 4 warps are no faster).
-        num_warps, num_stages = 2, 2
+        # Decode is bound by K/V bytes. On the H100, 4 warps over 128-key tiles with 2 stages
+        # beat every other tile shape swept (64/32-key tiles, 2 warps, 3-4 stages) at every
+        # batch and context (bench/KERNELS_NOTES.md, v4).
+        num_warps, num_stages = (4, 2) if head_dim_pad <= 128 else (2, 2)
     else:
         num_warps, num_stages = (8 if block_q * group_pad >= 128 else 4), 2
     return AttentionConfig(
@@ -649,6 +702,7 @@ def paged_attention(
     splits = config.num_kv_splits
     split_kv = splits > 1
     keys_per_split = triton.cdiv(max(max_seq_len, 1), splits * config.block_n) * config.block_n
+    grid = (triton.cdiv(max_query_len, config.block_q), num_kv_heads * splits, num_seqs)
     if split_kv:
         split_acc = torch.empty(
             (num_tokens, num_q_heads, splits, head_dim_pad),
@@ -659,12 +713,11 @@ def paged_attention(
             (num_tokens, num_q_heads, splits), dtype=torch.float32, device=query.device
         )
         split_sum = torch.empty_like(split_max)
-        target, target_strides = split_acc, (0, 0)
-    else:
-        split_max = split_sum = out  # unused by the kernel on this path
-        target, target_strides = out, out.stride()[:2]
+        split_counters = _split_counters(query.device, grid[0] * num_kv_heads * num_seqs)
+    else:  # unused by the kernel on this path
+        split_acc = split_max = split_sum = out
+        split_counters = seq_lens
 
-    grid = (triton.cdiv(max_query_len, config.block_q), num_kv_heads * splits, num_seqs)
     _paged_attention_kernel[grid](
         query,
         key_cache,
@@ -672,19 +725,22 @@ def paged_attention(
         block_tables,
         query_start_loc,
         seq_lens,
-        target,
+        out,
+        split_acc,
         split_max,
         split_sum,
+        split_counters,
         scale * _LOG2_E,
         sliding_window or 0,
         num_q_heads,
+        num_kv_heads,
         splits,
         keys_per_split,
         *query.stride()[:2],
         *key_cache.stride()[:3],
         *value_cache.stride()[:3],
         block_tables.stride(0),
-        *target_strides,
+        *out.stride()[:2],
         GROUP_SIZE=group_size,
         GROUP_PAD=triton.next_power_of_2(group_size),
         BLOCK_Q=config.block_q,
@@ -694,24 +750,9 @@ def paged_attention(
         BLOCK_SIZE=block_size,
         USE_SLIDING_WINDOW=sliding_window is not None,
         SPLIT_KV=split_kv,
+        SPLITS_PAD=triton.next_power_of_2(splits),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if split_kv:
-        _merge_kv_splits_kernel[(num_tokens, num_q_heads)](
-            split_acc,
-            split_max,
-            split_sum,
-            out,
-            query_start_loc,
-            num_seqs,
-            num_q_heads,
-            splits,
-            *out.stride()[:2],
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
-            SPLITS_PAD=triton.next_power_of_2(splits),
-            num_warps=4,
-        )
     return out

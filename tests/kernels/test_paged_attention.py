@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.kernels.paged_attention import paged_attention, paged_attention_reference
+from pagedserve.kernels.paged_attention import (
+    AttentionConfig,
+    paged_attention,
+    paged_attention_reference,
+)
 from tests.kernels._batches import make_batch, naive_dense_attention, relative_error
 
 # Mixed batch in one launch: decode (q_len 1), chunked prefill over cached context, a full
@@ -42,6 +46,7 @@ def _check_kernel(batch, *, tolerance, **options):
     num_valid = int(batch.query_start_loc[-1])
     assert not out[:num_valid].isnan().any(), "kernel left output rows unwritten"
     options.pop("num_kv_splits", None)
+    options.pop("config", None)
     expected = paged_attention_reference(*batch.args(), **batch.kwargs(), **options)
     assert relative_error(out[:num_valid], expected[:num_valid]) < tolerance
     return out
@@ -54,7 +59,7 @@ def _check_kernel(batch, *, tolerance, **options):
         (4, 1, 64, 8, torch.float16),  # ratio 4
         (8, 1, 128, 32, torch.float32),  # ratio 8
         (5, 1, 80, 16, torch.float32),  # ratio 5 (padded group), head_dim 80 (padded dims)
-        (4, 2, 64, 128, torch.float16),  # a block larger than the key tile
+        (4, 2, 64, 128, torch.float16),  # a 128-token block
     ],
 )
 def test_kernel_matches_reference_on_mixed_batch(
@@ -71,6 +76,27 @@ def test_kernel_matches_reference_on_mixed_batch(
         seed=head_dim + block_size,
     )
     _check_kernel(batch, tolerance=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize(
+    ("block_size", "block_n", "num_kv_splits"),
+    [(128, 16, 1), (8, 64, 1), (32, 32, 3), (16, 128, 2)],
+    ids=["tile-inside-block", "tile-spans-blocks", "tile-equals-block", "split-wide-tile"],
+)
+def test_key_tile_is_independent_of_block_size(block_size, block_n, num_kv_splits):
+    batch = make_batch(
+        [1, 5, 1],
+        [300, 141, 7],
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        block_size=block_size,
+        seed=block_size + block_n,
+    )
+    config = AttentionConfig(
+        block_q=8, block_n=block_n, num_kv_splits=num_kv_splits, num_warps=4, num_stages=2
+    )
+    _check_kernel(batch, tolerance=1e-5, config=config)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +118,26 @@ def test_split_kv_matches_reference(q_lens, seq_lens, num_kv_splits, sliding_win
         seed=num_kv_splits,
     )
     _check_kernel(batch, tolerance=1e-5, num_kv_splits=num_kv_splits, sliding_window=sliding_window)
+
+
+def test_split_kv_counters_are_left_zeroed_for_the_next_launch():
+    # The last split of each tile merges and resets its ticket counter; a counter left non-zero
+    # would make the next launch merge too early (or never), so run three launches in a row.
+    from pagedserve.kernels import paged_attention as module
+
+    batch = make_batch(
+        [1, 1, 2],
+        [70, 5, 129],
+        num_q_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        block_size=16,
+        seed=11,
+    )
+    for splits in (3, 5, 3):
+        _check_kernel(batch, tolerance=1e-5, num_kv_splits=splits)
+        counters = module._split_counter_buffers[batch.query.device]
+        assert int(counters.count_nonzero()) == 0
 
 
 def test_sliding_window_matches_reference():
