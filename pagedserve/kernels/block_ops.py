@@ -140,58 +140,89 @@ def copy_blocks(
     )
 
 
-def _check_swap_args(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping) -> None:
+def _check_swap_args(
+    src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], block_mapping: torch.Tensor
+) -> None:
     _check_block_mapping(block_mapping)
-    if src_cache.shape[1:] != dst_cache.shape[1:] or src_cache.dtype != dst_cache.dtype:
+    if len(src_caches) != len(dst_caches):
         raise ValueError(
-            f"src_cache {src_cache.dtype} {tuple(src_cache.shape)} and dst_cache "
-            f"{dst_cache.dtype} {tuple(dst_cache.shape)} must match in dtype and block shape"
+            f"src_caches ({len(src_caches)}) and dst_caches ({len(dst_caches)}) must pair up: "
+            "one source and one destination tensor per layer and K/V"
         )
-    _check_blocks_contiguous("src_cache", src_cache)
-    _check_blocks_contiguous("dst_cache", dst_cache)
+    for side, caches in (("src_caches", src_caches), ("dst_caches", dst_caches)):
+        for index, cache in enumerate(caches):
+            _check_blocks_contiguous(f"{side}[{index}]", cache)
+            if (cache.shape[1:], cache.dtype, cache.device) != (
+                caches[0].shape[1:],
+                caches[0].dtype,
+                caches[0].device,
+            ):
+                raise ValueError(
+                    f"{side}[{index}] differs from {side}[0] in block shape, dtype or device"
+                )
+    if src_caches and (
+        src_caches[0].shape[1:] != dst_caches[0].shape[1:]
+        or src_caches[0].dtype != dst_caches[0].dtype
+    ):
+        raise ValueError(
+            f"src_caches {src_caches[0].dtype} {tuple(src_caches[0].shape)} and dst_caches "
+            f"{dst_caches[0].dtype} {tuple(dst_caches[0].shape)} must match in dtype and block "
+            "shape"
+        )
 
 
 def swap_blocks_reference(
-    src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping: torch.Tensor
+    src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], block_mapping: torch.Tensor
 ) -> None:
-    """Pure-torch ``swap_blocks``: one block at a time."""
-    _check_swap_args(src_cache, dst_cache, block_mapping)
-    for src, dst in block_mapping.tolist():
-        dst_cache[dst].copy_(src_cache[src])
+    """Pure-torch ``swap_blocks``: one block of one tensor at a time."""
+    _check_swap_args(src_caches, dst_caches, block_mapping)
+    for src_cache, dst_cache in zip(src_caches, dst_caches, strict=True):
+        for src, dst in block_mapping.tolist():
+            dst_cache[dst].copy_(src_cache[src])
 
 
 def swap_blocks(
-    src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping: torch.Tensor
+    src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], block_mapping: torch.Tensor
 ) -> None:
-    """Copy whole blocks ``src_cache[src] -> dst_cache[dst]`` across devices, batched.
+    """Copy whole blocks ``src_caches[i][src] -> dst_caches[i][dst]`` across devices, for every
+    pair of tensors (all layers' K and V) in one transfer.
 
-    Gathers the source blocks into one staging buffer on the source device (pinned when that
-    is the CPU), makes one (non-blocking where possible) transfer, and scatters on the
-    destination device. GPU->CPU waits for the transfer before scattering on the host, so the
-    CPU cache holds the data when this returns; CPU->GPU and GPU->GPU are stream-ordered.
+    Gathers the source blocks of every tensor into one staging buffer on the source device
+    (pinned when that is the CPU), makes one (non-blocking where possible) transfer, and
+    scatters on the destination device. GPU->CPU waits once for the transfer before scattering
+    on the host, so the CPU caches hold the data when this returns; CPU->GPU and GPU->GPU are
+    stream-ordered.
     """
-    _check_swap_args(src_cache, dst_cache, block_mapping)
-    if block_mapping.shape[0] == 0:
+    _check_swap_args(src_caches, dst_caches, block_mapping)
+    if block_mapping.shape[0] == 0 or not src_caches:
         return
-    src_ids = block_mapping[:, 0].to(src_cache.device, torch.int64)
-    dst_ids = block_mapping[:, 1].to(dst_cache.device, torch.int64)
-    if src_cache.device == dst_cache.device:
-        dst_cache.index_copy_(0, dst_ids, src_cache.index_select(0, src_ids))
+    src_device, dst_device = src_caches[0].device, dst_caches[0].device
+    src_ids = block_mapping[:, 0].to(src_device, torch.int64)
+    dst_ids = block_mapping[:, 1].to(dst_device, torch.int64)
+    if src_device == dst_device:
+        for src_cache, dst_cache in zip(src_caches, dst_caches, strict=True):
+            dst_cache.index_copy_(0, dst_ids, src_cache.index_select(0, src_ids))
         return
-    staging_shape = (block_mapping.shape[0], *src_cache.shape[1:])
-    if src_cache.device.type == "cpu":
+    staging_shape = (len(src_caches), block_mapping.shape[0], *src_caches[0].shape[1:])
+    dtype = src_caches[0].dtype
+    if src_device.type == "cpu":
         # Host -> device: gather into pinned memory so the upload is asynchronous.
-        staging = torch.empty(staging_shape, dtype=src_cache.dtype, pin_memory=True)
-        torch.index_select(src_cache, 0, src_ids, out=staging)
-        uploaded = staging.to(dst_cache.device, non_blocking=True)
-        dst_cache.index_copy_(0, dst_ids, uploaded)
+        staging = torch.empty(staging_shape, dtype=dtype, pin_memory=True)
+        for index, src_cache in enumerate(src_caches):
+            torch.index_select(src_cache, 0, src_ids, out=staging[index])
+        uploaded = staging.to(dst_device, non_blocking=True)
+        for index, dst_cache in enumerate(dst_caches):
+            dst_cache.index_copy_(0, dst_ids, uploaded[index])
         return
-    gathered = src_cache.index_select(0, src_ids)
-    if dst_cache.device.type == "cpu":
-        # Device -> host: one download into pinned memory, then scatter on the host.
-        staging = torch.empty(staging_shape, dtype=src_cache.dtype, pin_memory=True)
+    gathered = torch.empty(staging_shape, dtype=dtype, device=src_device)
+    for index, src_cache in enumerate(src_caches):
+        torch.index_select(src_cache, 0, src_ids, out=gathered[index])
+    if dst_device.type == "cpu":
+        # Device -> host: one download into pinned memory and one wait, then scatter on the host.
+        staging = torch.empty(staging_shape, dtype=dtype, pin_memory=True)
         staging.copy_(gathered, non_blocking=True)
-        torch.cuda.current_stream(src_cache.device).synchronize()
-        dst_cache.index_copy_(0, dst_ids, staging)
-        return
-    dst_cache.index_copy_(0, dst_ids, gathered.to(dst_cache.device))
+        torch.cuda.current_stream(src_device).synchronize()
+    else:
+        staging = gathered.to(dst_device)
+    for index, dst_cache in enumerate(dst_caches):
+        dst_cache.index_copy_(0, dst_ids, staging[index])

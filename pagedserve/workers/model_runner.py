@@ -114,10 +114,11 @@ class ModelRunner:
         ):
             if not pairs:
                 continue
-            mapping = torch.tensor(pairs, dtype=torch.int64)
-            for src_layer, dst_layer in zip(sources, targets, strict=True):
-                for src, dst in zip(src_layer, dst_layer, strict=True):
-                    swap(src, dst, mapping)
+            swap(
+                [cache for layer in sources for cache in layer],
+                [cache for layer in targets for cache in layer],
+                torch.tensor(pairs, dtype=torch.int64),
+            )
         copy = copy_blocks if on_gpu else copy_blocks_reference
         for wave in conflict_free_waves(step.blocks_to_copy):
             mapping = torch.tensor(wave, dtype=torch.int64, device=self.device)

@@ -192,17 +192,19 @@ def test_write_kv_and_copy_blocks_bf16():
 
 @pytest.mark.parametrize("direction", ["gpu_to_cpu", "cpu_to_gpu", "gpu_to_gpu"])
 def test_swap_blocks(direction):
+    # Three layers' K and V in one call, as the model runner swaps them.
     shape = (64, 16, 8, 128)
-    gpu = torch.randn(shape, device="cuda").bfloat16()
-    cpu = torch.randn(shape).bfloat16().pin_memory()
+    gpu = [torch.randn(shape, device="cuda").bfloat16() for _ in range(6)]
+    cpu = [torch.randn(shape).bfloat16().pin_memory() for _ in range(6)]
     src, dst = {
         "gpu_to_cpu": (gpu, cpu),
         "cpu_to_gpu": (cpu, gpu),
-        "gpu_to_gpu": (gpu, gpu.clone()),
+        "gpu_to_gpu": (gpu, [cache.clone() for cache in gpu]),
     }[direction]
     mapping = torch.tensor([[3, 60], [10, 0], [63, 5]])
-    expected = dst.clone()
+    expected = [cache.clone() for cache in dst]
     swap_blocks_reference(src, expected, mapping)
     swap_blocks(src, dst, mapping)
     torch.cuda.synchronize()
-    assert torch.equal(dst.cpu(), expected.cpu())
+    for actual, wanted in zip(dst, expected, strict=True):
+        assert torch.equal(actual.cpu(), wanted.cpu())

@@ -88,11 +88,24 @@ def test_copy_blocks_rejects_mismatched_layers():
 
 
 def test_swap_blocks_cpu_to_cpu_matches_reference():
-    src = torch.randn(10, 16, 2, 64)
-    dst = torch.randn(7, 16, 2, 64)
-    expected = dst.clone()
+    sources = [torch.randn(10, 16, 2, 64) for _ in range(4)]
+    targets = [torch.randn(7, 16, 2, 64) for _ in range(4)]
+    expected = [target.clone() for target in targets]
     mapping = torch.tensor([[9, 0], [2, 6], [4, 3]])
-    swap_blocks_reference(src, expected, mapping)
-    swap_blocks(src, dst, mapping)
-    assert torch.equal(dst, expected)
-    assert torch.equal(dst[6], src[2])
+    swap_blocks_reference(sources, expected, mapping)
+    swap_blocks(sources, targets, mapping)
+    for source, target, wanted in zip(sources, targets, expected, strict=True):
+        assert torch.equal(target, wanted)
+        assert torch.equal(target[6], source[2])
+        assert torch.equal(target[1], wanted[1])  # untouched block
+
+
+def test_swap_blocks_rejects_unpaired_or_mismatched_tensors():
+    blocks = [torch.zeros(4, 16, 2, 64), torch.zeros(4, 16, 2, 64)]
+    mapping = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="must pair up"):
+        swap_blocks(blocks, blocks[:1], mapping)
+    with pytest.raises(ValueError, match=r"dst_caches\[1\] differs"):
+        swap_blocks(blocks, [blocks[0], torch.zeros(4, 8, 2, 64)], mapping)
+    with pytest.raises(ValueError, match="must match in dtype and block shape"):
+        swap_blocks(blocks, [torch.zeros(4, 16, 2, 64, dtype=torch.float16)] * 2, mapping)
