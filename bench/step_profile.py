@@ -40,7 +40,7 @@ def timed_steps(llm: LLM, prompts, outputs) -> dict:
         t0 = time.perf_counter()
         step = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        result = engine.runner.execute(step)
+        result = engine.executor.execute(step)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         emitted = engine.scheduler.update(step, result.sampled)
@@ -71,7 +71,7 @@ def profile_one(llm: LLM, prompts, output_len: int, label: str) -> str:
             temperature=0.0, max_tokens=output_len, ignore_eos=True))
     step = engine.scheduler.schedule()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        result = engine.runner.execute(step)
+        result = engine.executor.execute(step)
         torch.cuda.synchronize()
     engine.scheduler.update(step, result.sampled)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
@@ -92,9 +92,9 @@ def profile_decode(llm: LLM, prompts) -> str:
         step = engine.scheduler.schedule()
         if all(item.num_tokens == 1 for item in step.scheduled):
             break
-        engine.scheduler.update(step, engine.runner.execute(step).sampled)
+        engine.scheduler.update(step, engine.executor.execute(step).sampled)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        engine.runner.execute(step)
+        engine.executor.execute(step)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=16,
                                       max_name_column_width=60)

@@ -9,6 +9,7 @@ from pagedserve.scheduler.config import VALID_BLOCK_SIZES, ConfigError, check_fi
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
+EXECUTOR_BACKENDS = ("auto", "local", "ray")
 
 
 @dataclass
@@ -30,6 +31,8 @@ class EngineConfig:
     """Seed of unseeded sampling and of dummy weights."""
     tensor_parallel_size: int = 1
     """GPUs (ranks) one replica is split over; must divide the attention and KV heads."""
+    distributed_executor_backend: str = "auto"
+    """'auto' (Ray actors when tensor_parallel_size > 1, else this process), 'local' or 'ray'."""
     max_model_len: int | None = None
     """Longest prompt + output; default: the model's max_position_embeddings, at most 8192."""
     block_size: int = 16
@@ -68,6 +71,9 @@ class EngineConfig:
         check_field(owner, "tensor_parallel_size",
                     isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                     "an integer >= 1", self.tensor_parallel_size)
+        check_field(owner, "distributed_executor_backend",
+                    self.distributed_executor_backend in EXECUTOR_BACKENDS,
+                    f"one of {EXECUTOR_BACKENDS}", self.distributed_executor_backend)
         check_field(owner, "gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1,
                     "in (0, 1]", self.gpu_memory_utilization)
         for name in ("kv_cache_memory_gib", "swap_space_gib"):

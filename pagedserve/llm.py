@@ -39,11 +39,25 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[str | list[in
 
 
 class LLM:
-    """A model replica in this process (CPU or one GPU). `LLM()` uses the embedded default."""
+    """One model replica driven from this process. `LLM()` uses the embedded default model.
+
+    With `tensor_parallel_size` > 1 (or `distributed_executor_backend="ray"`) the ranks run as
+    Ray actors; otherwise the model runs in this process (CPU or one GPU). Usable as a context
+    manager; `shutdown()` stops Ray workers.
+    """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

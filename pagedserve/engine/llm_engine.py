@@ -16,21 +16,19 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.engine.default_model import ensure_default_model
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.executor import make_executor
 from pagedserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
 from pagedserve.scheduler.request import FinishReason, Request
 from pagedserve.scheduler.scheduler import Scheduler, child_request_id
-from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
-from pagedserve.workers.loader import load_config, load_model, resolve_dtype
-from pagedserve.workers.model_runner import ModelRunner
-from pagedserve.workers.profiling import profile_kv_cache_bytes
+from pagedserve.workers.kv_pool import bytes_per_block
+from pagedserve.workers.loader import check_tp_size, load_config
 from pagedserve.workers.step_result import StepResult, TokenLogprobs
+from pagedserve.workers.worker import GIB, model_dtype
 
 logger = logging.getLogger(__name__)
 
-GIB = 1 << 30
-DEFAULT_CPU_KV_GIB = 0.25
 
 
 @dataclass
@@ -89,22 +87,12 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        if config.tensor_parallel_size != 1:
-            raise ValueError("EngineConfig.tensor_parallel_size must be 1 for the in-process "
-                             f"engine, got {config.tensor_parallel_size}; tensor parallelism "
-                             "runs through the Ray cluster's worker actors")
-        self.device = _resolve_device(config.device)
-        model_dir = config.model or ensure_default_model()
+        device_type = _resolve_device(config.device).type
+        model_dir = str(config.model or ensure_default_model())
         self.hf_config = load_config(model_dir)
-        dtype_name = config.dtype
-        if dtype_name == "auto" and self.device.type == "cpu":
-            dtype_name = "float32"
-        self.dtype = resolve_dtype(dtype_name, self.hf_config)
+        check_tp_size(self.hf_config, config.tensor_parallel_size)
+        self.dtype = model_dtype(config, self.hf_config, device_type)
         self.tokenizer = self._load_tokenizer(config.tokenizer or model_dir)
-        self.model = load_model(self.hf_config if config.load_format == "dummy" else model_dir,
-                                dtype=self.dtype, device=self.device,
-                                load_format=config.load_format, seed=config.seed)
-        self.model.eval()
         max_positions = getattr(self.hf_config, "max_position_embeddings", 8192)
         if config.max_model_len is not None and config.max_model_len > max_positions:
             raise ValueError(f"EngineConfig.max_model_len must be <= the model's "
@@ -121,36 +109,40 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             preemption_mode="swap" if config.swap_space_gib > 0 else "recompute",
             policy=config.scheduling_policy)
-        num_blocks = self._num_gpu_blocks(budget)
-        block_bytes = bytes_per_block(self.hf_config, config.block_size, self.dtype)
-        num_cpu_blocks = int(config.swap_space_gib * GIB) // block_bytes
-        if config.swap_space_gib > 0 and num_cpu_blocks == 0:
+        block_bytes = bytes_per_block(self.hf_config, config.block_size, self.dtype,
+                                      tp_size=config.tensor_parallel_size)
+        if config.swap_space_gib > 0 and int(config.swap_space_gib * GIB) < block_bytes:
             raise ValueError(f"EngineConfig.swap_space_gib={config.swap_space_gib} holds no KV "
                              f"block ({block_bytes} bytes each); use 0 or at least "
                              f"{block_bytes / GIB:.6f}")
-        self.kv_caches = allocate_kv_cache_for_config(
-            self.hf_config, num_blocks, config.block_size, self.dtype, self.device)
-        cpu_caches = None
-        if num_cpu_blocks:
-            cpu_caches = allocate_kv_cache_for_config(
-                self.hf_config, num_cpu_blocks, config.block_size, self.dtype, "cpu")
-            if self.device.type == "cuda":
-                cpu_caches = [(k.pin_memory(), v.pin_memory()) for k, v in cpu_caches]
+        self.executor = make_executor(config, model_dir, device_type)
+        try:
+            # Every rank has the same block ids, so the smallest rank's pool sets the size.
+            num_blocks = min(self.executor.collective("num_gpu_blocks", budget))
+            if num_blocks < 1:
+                raise ValueError(f"no memory left for the KV cache (blocks of {block_bytes} "
+                                 "bytes); raise gpu_memory_utilization or kv_cache_memory_gib, "
+                                 "or use a smaller model")
+            num_cpu_blocks = min(self.executor.collective("num_cpu_blocks"))
+            self.executor.collective("init_cache", num_blocks, num_cpu_blocks,
+                                     self.max_model_len, tuple(self.eos_token_ids))
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.scheduler = Scheduler(scheduler_config, CacheConfig(
             block_size=config.block_size, num_gpu_blocks=num_blocks,
             num_cpu_blocks=num_cpu_blocks, enable_prefix_caching=config.enable_prefix_caching))
-        self.runner = ModelRunner(
-            self.model, self.kv_caches, config.block_size, self.max_model_len, cpu_caches,
-            tuple(self.eos_token_ids), config.seed,
-            cuda_graph_max_batch=0 if config.enforce_eager
-            else min(config.max_graph_batch_size, config.max_num_seqs))
-        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (%.2f GiB), "
-                    "%d CPU swap blocks, max_model_len %d", model_dir, self.device, self.dtype,
-                    num_blocks, config.block_size, num_blocks * block_bytes / GIB,
-                    num_cpu_blocks, self.max_model_len)
+        logger.info("engine ready: %s on %s x%d (%s), %d KV blocks of %d tokens (%.2f GiB per "
+                    "rank), %d CPU swap blocks, max_model_len %d", model_dir, device_type,
+                    config.tensor_parallel_size, self.dtype, num_blocks, config.block_size,
+                    num_blocks * block_bytes / GIB, num_cpu_blocks, self.max_model_len)
         self._tracked: dict[str, _Tracked] = {}
         self._sequence_owner: dict[str, tuple[_Tracked, int]] = {}
         self.last_result: StepResult | None = None
+
+    def shutdown(self) -> None:
+        """Stop the workers (Ray actors are killed, their GPUs freed); the engine is unusable."""
+        self.executor.shutdown()
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -161,26 +153,6 @@ class LLMEngine:
         except (OSError, ValueError) as error:
             logger.warning("no tokenizer in %s (%s); only token-id prompts work", path, error)
             return None
-
-    def _num_gpu_blocks(self, budget: int) -> int:
-        config = self.config
-        block_bytes = bytes_per_block(self.hf_config, config.block_size, self.dtype)
-        if config.num_gpu_blocks_override is not None:
-            return config.num_gpu_blocks_override
-        if config.kv_cache_memory_gib is not None:
-            kv_bytes = int(config.kv_cache_memory_gib * GIB)
-        elif self.device.type == "cuda":
-            kv_bytes = profile_kv_cache_bytes(self.model, self.hf_config, self.dtype,
-                                              self.device, budget, config.max_num_seqs,
-                                              config.block_size, config.gpu_memory_utilization)
-        else:
-            kv_bytes = int(DEFAULT_CPU_KV_GIB * GIB)
-        num_blocks = kv_bytes // block_bytes
-        if num_blocks < 1:
-            raise ValueError(f"no memory left for the KV cache ({kv_bytes} bytes for blocks of "
-                             f"{block_bytes}); raise gpu_memory_utilization or "
-                             "kv_cache_memory_gib, or use a smaller model")
-        return num_blocks
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -275,7 +247,7 @@ class LLMEngine:
         if step.is_empty and not scheduler.running and scheduler.has_unfinished() \
                 and (unfinished, preemptions) == (scheduler.num_unfinished,
                                                   scheduler.num_preemptions):
-            self.runner.execute(step)  # still tell the workers what to forget
+            self.executor.execute(step)  # still tell the workers what to forget
             raise RuntimeError("scheduler made no progress with requests waiting; the KV cache "
                                "is too small for the waiting prompts")
         for item in step.scheduled:
@@ -284,7 +256,7 @@ class LLMEngine:
             if owner is not None and owner[0].metrics.first_scheduled_time is None:
                 owner[0].metrics.first_scheduled_time = now
         try:
-            result = self.runner.execute(step)
+            result = self.executor.execute(step)
             emitted = scheduler.update(step, result.sampled)
         except Exception as error:
             raise EngineStepError(f"model step failed: {error}",

@@ -33,14 +33,15 @@ def _profile_step(num_tokens: int, num_seqs: int, block_size: int) -> SchedulerO
 
 def profile_kv_cache_bytes(model: torch.nn.Module, hf_config: Any, dtype: torch.dtype,
                            device: torch.device, max_num_batched_tokens: int, max_num_seqs: int,
-                           block_size: int, memory_utilization: float) -> int:
+                           block_size: int, memory_utilization: float,
+                           tp_size: int = 1) -> int:
     """Run the largest step once and return utilization x total - (everything else in use)."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     weights = torch.cuda.memory_allocated(device)
     # One real block per sequence is enough: every slot is -1, so nothing is written.
-    caches = allocate_kv_cache_for_config(hf_config, 1, block_size, dtype, device)
+    caches = allocate_kv_cache_for_config(hf_config, 1, block_size, dtype, device, tp_size)
     runner = ModelRunner(model, caches, block_size, max_num_batched_tokens)
     runner.execute(_profile_step(max_num_batched_tokens, min(max_num_seqs,
                                                              max_num_batched_tokens), block_size))

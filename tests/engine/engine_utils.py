@@ -73,7 +73,7 @@ class StepSpy:
         self.log = StepLog()
 
     def __enter__(self) -> StepLog:
-        runner = self.llm.engine.runner
+        runner = self.llm.engine.executor
         pool = self.llm.engine.scheduler.kv.pool
         original = runner.execute
         log = self.log
@@ -97,7 +97,7 @@ class StepSpy:
         return log
 
     def __exit__(self, *exc) -> None:
-        del self.llm.engine.runner.execute  # back to the class attribute's bound method
+        del self.llm.engine.executor.execute  # back to the class attribute's bound method
 
 
 class HFReference:

@@ -27,7 +27,7 @@ def test_failed_step_aborts_its_requests_and_the_engine_keeps_serving(llm, monke
     def broken(step):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.runner, "execute", broken)
+    monkeypatch.setattr(engine.executor, "execute", broken)
     with pytest.raises(EngineStepError, match="device lost") as failure:
         engine.step()
     monkeypatch.undo()
@@ -93,5 +93,5 @@ def test_runner_copies_reused_blocks_in_order(llm, monkeypatch):
                         lambda keys, values, mapping: calls.append(mapping.tolist()))
     step = llm.engine.scheduler.schedule()
     step.blocks_to_copy = [(1, 4), (3, 1)]
-    llm.engine.runner.execute(step)
+    llm.engine.executor.execute(step)
     assert calls == [[[1, 4]], [[3, 1]]]

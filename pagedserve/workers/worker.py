@@ -1,0 +1,172 @@
+"""One tensor-parallel rank: its model shard, its shard of the paged KV pool, its model runner.
+
+Every rank holds the same block ids for its own KV heads, so one scheduler and one set of block
+tables serve them all: each step every rank receives the same `SchedulerOutput`, runs its shard
+(row-parallel outputs are all-reduced), and rank 0 samples. The engine drives ranks through an
+executor (`pagedserve.engine.executor`): in-process for one rank, Ray actors otherwise. A worker
+is built in two phases so that an executor can ask rank 0 for a rendezvous address before any
+rank joins the process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.scheduler.output import SchedulerOutput
+from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
+from pagedserve.workers.loader import load_config, load_model, resolve_dtype
+from pagedserve.workers.model_runner import ModelRunner
+from pagedserve.workers.parallel import init_tensor_parallel
+from pagedserve.workers.profiling import profile_kv_cache_bytes
+from pagedserve.workers.step_result import StepResult
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+DEFAULT_CPU_KV_GIB = 0.25
+
+
+def model_dtype(config: EngineConfig, hf_config: Any, device_type: str) -> torch.dtype:
+    """The dtype every rank runs in: 'auto' is the checkpoint's dtype, except float32 on CPU."""
+    name = config.dtype
+    if name == "auto" and device_type == "cpu":
+        name = "float32"
+    return resolve_dtype(name, hf_config)
+
+
+class Worker:
+    """Rank `rank` of `world_size`; call `load`, then `init_cache`, then `execute` per step."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: str,
+        device_type: str,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device_type)
+        self.hf_config = load_config(model_dir)
+        self.dtype = model_dtype(config, self.hf_config, device_type)
+        self.block_bytes = bytes_per_block(
+            self.hf_config, config.block_size, self.dtype, tp_size=world_size
+        )
+        self.model: torch.nn.Module | None = None
+        self.runner: ModelRunner | None = None
+
+    @staticmethod
+    def rendezvous_address() -> str:
+        """A tcp:// address on this node with a free port, for torch.distributed to meet at."""
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def load(self, init_method: str | None) -> None:
+        """Join the tensor-parallel group (NCCL on GPU, gloo on CPU) and load this rank's shard."""
+        if self.device.type == "cuda":
+            # A Ray GPU actor sees only its own GPU; in-process, the caller's current device.
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        tp = init_tensor_parallel(self.rank, self.world_size, init_method or "", backend)
+        config = self.config
+        source = self.hf_config if config.load_format == "dummy" else self.model_dir
+        self.model = load_model(
+            source,
+            dtype=self.dtype,
+            device=self.device,
+            tp_rank=tp.rank,
+            tp_size=tp.size,
+            load_format=config.load_format,
+            seed=config.seed,
+        )
+        self.model.eval()
+
+    def num_gpu_blocks(self, max_num_batched_tokens: int) -> int:
+        """KV blocks this rank can hold (profiled on GPU; configured size on CPU)."""
+        config = self.config
+        if config.num_gpu_blocks_override is not None:
+            return config.num_gpu_blocks_override
+        if config.kv_cache_memory_gib is not None:
+            kv_bytes = int(config.kv_cache_memory_gib * GIB)
+        elif self.device.type == "cuda":
+            kv_bytes = profile_kv_cache_bytes(
+                self.model,
+                self.hf_config,
+                self.dtype,
+                self.device,
+                max_num_batched_tokens,
+                config.max_num_seqs,
+                config.block_size,
+                config.gpu_memory_utilization,
+                tp_size=self.world_size,
+            )
+        else:
+            kv_bytes = int(DEFAULT_CPU_KV_GIB * GIB)
+        return kv_bytes // self.block_bytes
+
+    def num_cpu_blocks(self) -> int:
+        """Swap blocks that fit in this rank's share of `swap_space_gib`."""
+        return int(self.config.swap_space_gib * GIB) // self.block_bytes
+
+    def init_cache(
+        self,
+        num_gpu_blocks: int,
+        num_cpu_blocks: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        """Allocate the KV pool (and the CPU swap pool) and build the model runner."""
+        config = self.config
+        kv_caches = allocate_kv_cache_for_config(
+            self.hf_config,
+            num_gpu_blocks,
+            config.block_size,
+            self.dtype,
+            self.device,
+            tp_size=self.world_size,
+        )
+        cpu_caches = None
+        if num_cpu_blocks:
+            cpu_caches = allocate_kv_cache_for_config(
+                self.hf_config,
+                num_cpu_blocks,
+                config.block_size,
+                self.dtype,
+                "cpu",
+                tp_size=self.world_size,
+            )
+            if self.device.type == "cuda":
+                cpu_caches = [(k.pin_memory(), v.pin_memory()) for k, v in cpu_caches]
+        graph_batch = 0 if config.enforce_eager else min(config.max_graph_batch_size,
+                                                         config.max_num_seqs)
+        self.runner = ModelRunner(
+            self.model,
+            kv_caches,
+            config.block_size,
+            max_model_len,
+            cpu_caches,
+            eos_token_ids,
+            config.seed,
+            cuda_graph_max_batch=graph_batch,
+        )
+
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        """Run one scheduler step on this rank (the result is meaningful on rank 0 only)."""
+        return self.runner.execute(step)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
