@@ -127,10 +127,16 @@ def sharegpt_workload(
 
 
 def run_pagedserve(
-    model_dir: str, prompts, outputs, max_num_seqs: int, max_num_batched_tokens: int
+    model_dir: str,
+    prompts,
+    outputs,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    tensor_parallel_size: int = 1,
 ) -> dict:
     llm = LLM(
         model=model_dir,
+        tensor_parallel_size=tensor_parallel_size,
         load_format="dummy",
         dtype="bfloat16",
         device="cuda",
@@ -158,6 +164,7 @@ def run_pagedserve(
         "num_gpu_blocks": llm.engine.scheduler.kv.pool.num_blocks,
         "preemptions": llm.engine.scheduler.num_preemptions,
     }
+    llm.shutdown()
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -255,6 +262,12 @@ def main() -> None:
     parser.add_argument("--skip-sharegpt", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="GPUs for pagedserve (Ray workers); the floor scales with it, transformers uses one",
+    )
+    parser.add_argument(
         "--json", default=os.path.join(os.environ.get("OUT", "out"), "throughput.json")
     )
     args = parser.parse_args()
@@ -262,6 +275,7 @@ def main() -> None:
     device = torch.device("cuda")
     config = llama_8b_config()
     bandwidth, rate = measure_ceilings(device)
+    tp = args.tensor_parallel_size
     numbers = model_numbers(config)
     workloads = {
         "fixed": fixed_workload(
@@ -275,13 +289,18 @@ def main() -> None:
         "copy_bandwidth_tb_s": bandwidth / 1e12,
         "matmul_tflop_s": rate / 1e12,
         "model": "llama-3-8b shape, random bf16",
+        "tensor_parallel_size": tp,
         "workloads": {},
     }
     with tempfile.TemporaryDirectory() as model_dir:
         config.save_pretrained(model_dir)
         for name, (prompts, outputs) in workloads.items():
+            # TP ranks split weights, KV and FLOPs evenly: the floor uses tp devices' worth.
             floor = floor_seconds(
-                list(zip(map(len, prompts), outputs, strict=True)), numbers, bandwidth, rate
+                list(zip(map(len, prompts), outputs, strict=True)),
+                numbers,
+                tp * bandwidth,
+                tp * rate,
             )
             total = sum(outputs)
             entry = {
@@ -292,7 +311,12 @@ def main() -> None:
             }
             logger.info("%s: pagedserve", name)
             entry["pagedserve"] = run_pagedserve(
-                model_dir, prompts, outputs, args.max_num_seqs, args.max_num_batched_tokens
+                model_dir,
+                prompts,
+                outputs,
+                args.max_num_seqs,
+                args.max_num_batched_tokens,
+                tp,
             )
             report["workloads"][name] = entry
     if not args.skip_hf:
@@ -314,7 +338,8 @@ def main() -> None:
 def print_table(report: dict) -> None:
     print(
         f"\ndevice: {report['device']}  copy {report['copy_bandwidth_tb_s']:.2f} TB/s  "
-        f"bf16 matmul {report['matmul_tflop_s']:.0f} TFLOP/s  ({report['model']})"
+        f"bf16 matmul {report['matmul_tflop_s']:.0f} TFLOP/s  ({report['model']}); "
+        f"pagedserve on {report['tensor_parallel_size']} GPU(s), floor for as many"
     )
     print(
         f"{'workload':<10}{'system':<22}{'seconds':>9}{'out tok/s':>11}{'vs floor':>10}"

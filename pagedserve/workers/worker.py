@@ -161,6 +161,10 @@ class Worker:
             cuda_graph_max_batch=graph_batch,
         )
 
+    def uses_cuda_graphs(self) -> bool:
+        """Whether decode steps replay captured CUDA graphs on this rank."""
+        return self.runner is not None and self.runner.graphs is not None
+
     def execute(self, step: SchedulerOutput) -> StepResult:
         """Run one scheduler step on this rank (the result is meaningful on rank 0 only)."""
         return self.runner.execute(step)
