@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -78,11 +79,14 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         engine = self.engine
+        # Only final outputs are returned: the engine then copies nothing for running requests.
+        final_only = {id(p): dataclasses.replace(p, output_kind="final_only")
+                      for p in params_list}
         ids = []
         try:
             for index, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 request_id = str(next(self._ids))
-                engine.add_request(request_id, prompt, params,
+                engine.add_request(request_id, prompt, final_only[id(params)],
                                    priority=0 if priority is None else priority[index])
                 ids.append(request_id)
             return self._run(ids, use_tqdm)

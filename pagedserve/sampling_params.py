@@ -54,10 +54,14 @@ class SamplingParams:
     """Return logprobs of the prompt tokens and this many top alternatives (0..20)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
+    output_kind: str = "cumulative"
+    """What `LLMEngine.step` reports for this request: 'cumulative' (everything so far, each
+    step), 'delta' (only what is new since the last report; for streaming) or 'final_only'."""
     extra_stop_token_ids: list[int] = field(default_factory=list, repr=False)
     """Filled by the engine (e.g. a chat template's end-of-turn ids); not user facing."""
 
     MAX_LOGPROBS = 20
+    OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n)
@@ -105,6 +109,8 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                      "stop_token_ids", "a list of token ids >= 0", self.stop_token_ids)
+        _require(self.output_kind in self.OUTPUT_KINDS, "output_kind",
+                 f"one of {self.OUTPUT_KINDS}", self.output_kind)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _require(

@@ -45,16 +45,55 @@ class _Tracked:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_finished: int = 0
     sequence_ids: list[str] = field(default_factory=list)
+    # Per completion, how many tokens / characters / logprob entries earlier deltas carried.
+    sent: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == len(self.outputs)
+
+    def report(self) -> RequestOutput | None:
+        """This step's output in the request's `output_kind`; None when there is nothing to say."""
+        kind = self.params.output_kind
+        if kind == "final_only" and not self.finished:
+            return None
+        return self.delta() if kind == "delta" else self.snapshot()
+
+    def delta(self) -> RequestOutput:
+        """What is new since the last delta. While a sequence runs, the last (longest stop
+        string - 1) characters stay back: a stop string completing later may remove them."""
+        if not self.sent:
+            self.sent = [(0, 0, 0)] * len(self.outputs)
+        hold_back = max((len(stop) for stop in self.params.stop or ()), default=1) - 1
+        completions = []
+        for index, completion in enumerate(self.outputs):
+            tokens_sent, text_sent, logprobs_sent = self.sent[index]
+            text_end = len(completion.text)
+            if not completion.finished:
+                text_end = max(text_sent, text_end - hold_back)
+            logprobs = completion.logprobs
+            completions.append(dataclasses.replace(
+                completion,
+                token_ids=completion.token_ids[tokens_sent:],
+                text=completion.text[text_sent:text_end],
+                logprobs=None if logprobs is None else logprobs[logprobs_sent:]))
+            self.sent[index] = (len(completion.token_ids), text_end,
+                                0 if logprobs is None else len(logprobs))
+        return self._output(completions)
 
     def snapshot(self) -> RequestOutput:
+        """Everything so far (copies: later steps do not change what was returned)."""
+        return self._output([
+            dataclasses.replace(o, token_ids=list(o.token_ids),
+                                logprobs=None if o.logprobs is None else list(o.logprobs))
+            for o in self.outputs])
+
+    def _output(self, completions: list[CompletionOutput]) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[dataclasses.replace(o, token_ids=list(o.token_ids),
-                                         logprobs=None if o.logprobs is None else list(o.logprobs))
-                     for o in self.outputs],
-            finished=self.num_finished == len(self.outputs),
-            prompt_logprobs=self.prompt_logprobs, metrics=dataclasses.replace(self.metrics))
+            prompt_token_ids=self.prompt_token_ids, outputs=completions,
+            finished=self.finished, prompt_logprobs=self.prompt_logprobs,
+            metrics=dataclasses.replace(self.metrics))
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -231,7 +270,8 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the requests that changed (finished ones included).
+        """Run one scheduler step; returns the requests that changed (finished ones included),
+        each in its `SamplingParams.output_kind` ('final_only' ones only when finished).
 
         If the model step fails, every request that was in it is aborted (its blocks freed) and
         EngineStepError carries their final outputs; the engine stays usable.
@@ -281,8 +321,10 @@ class LLMEngine:
     def _collect(self, changed: dict[str, _Tracked]) -> list[RequestOutput]:
         outputs = []
         for tracked in changed.values():
-            outputs.append(tracked.snapshot())
-            if tracked.num_finished == len(tracked.outputs):
+            output = tracked.report()
+            if output is not None:
+                outputs.append(output)
+            if tracked.finished:
                 del self._tracked[tracked.request_id]
                 for sequence_id in tracked.sequence_ids:
                     self._sequence_owner.pop(sequence_id, None)
