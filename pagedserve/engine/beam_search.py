@@ -1,4 +1,4 @@
-"""Beam search over the engine's scheduler: beams are forked sequences sharing KV blocks.
+"""Beam search on the engine's bare sequences: beams are forked sequences sharing KV blocks.
 
 Each step every live beam yields its top 2 x width next tokens (logprobs of the raw model
 distribution); the best `width` extensions survive. A survivor is a fork of its parent beam
@@ -12,7 +12,6 @@ import itertools
 from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
-from pagedserve.scheduler.request import Request
 
 
 @dataclass
@@ -54,7 +53,6 @@ def _score(token_ids: list[int], logprob: float, length_penalty: float) -> float
 def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchParams,
                     id_prefix: str) -> list[BeamSearchOutput]:
     """Beam search for every prompt at once on `engine` (an LLMEngine)."""
-    scheduler = engine.scheduler
     width = params.beam_width
     eos_ids = set() if params.ignore_eos else set(engine.eos_token_ids)
     step_params = SamplingParams(temperature=0.0, logprobs=min(2 * width, 20),
@@ -66,7 +64,7 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
     try:
         for token_ids in prompt_token_ids:
             sequence_id = f"{id_prefix}-{next(counter)}"
-            scheduler.add_request(Request(sequence_id, token_ids, step_params))
+            engine.add_sequence(sequence_id, token_ids, step_params)
             groups.append(_Group(token_ids, [_Beam(sequence_id, [], 0.0)]))
         while any(group.active for group in groups):
             pending = {beam.sequence_id for group in groups for beam in group.active}
@@ -81,20 +79,20 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
                             # Other beams may need more steps (chunked prefill, max_num_seqs,
                             # preemption); a running beam would decode past the token it is
                             # forked at, and a fork must agree with every computed token.
-                            scheduler.pause(sequence_id)
-            scheduler.resume_paused()
+                            engine.pause_sequence(sequence_id)
+            engine.resume_paused()
             for group in groups:
-                _advance(group, logprobs, scheduler, width, eos_ids, params, id_prefix, counter,
+                _advance(group, logprobs, engine, width, eos_ids, params, id_prefix, counter,
                          engine.max_model_len)
     finally:
-        scheduler.resume_paused()
+        engine.resume_paused()
         for group in groups:
             for beam in group.active:
-                scheduler.abort_request(beam.sequence_id)
+                engine.abort_sequence(beam.sequence_id)
     return [_finish(group, width, params.length_penalty, engine.tokenizer) for group in groups]
 
 
-def _advance(group: _Group, logprobs, scheduler, width: int, eos_ids: set[int],
+def _advance(group: _Group, logprobs, engine, width: int, eos_ids: set[int],
              params: BeamSearchParams, id_prefix: str, counter, max_model_len: int) -> None:
     candidates = []
     for beam in group.active:
@@ -111,10 +109,10 @@ def _advance(group: _Group, logprobs, scheduler, width: int, eos_ids: set[int],
             group.done.append(BeamSequence(token_ids, logprob))
             continue
         child_id = f"{id_prefix}-{next(counter)}"
-        scheduler.fork_sequence(beam.sequence_id, child_id, token_ids)
+        engine.fork_sequence(beam.sequence_id, child_id, token_ids)
         survivors.append(_Beam(child_id, token_ids, logprob))
     for beam in group.active:
-        scheduler.abort_request(beam.sequence_id)
+        engine.abort_sequence(beam.sequence_id)
     group.active = survivors
 
 

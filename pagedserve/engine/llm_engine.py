@@ -267,6 +267,29 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
 
+    # ---- bare sequences (beam search drives these between steps) ---------------------------
+
+    def add_sequence(self, sequence_id: str, token_ids: list[int],
+                     params: SamplingParams) -> None:
+        """Queue a sequence that is not a tracked request: step() reports nothing for it; the
+        caller reads its tokens and logprobs from `last_result` after each step."""
+        self.scheduler.add_request(Request(sequence_id, token_ids, params))
+
+    def fork_sequence(self, parent_id: str, child_id: str, output_token_ids: list[int]) -> None:
+        """A new sequence sharing the parent's KV blocks, with its own output tokens."""
+        self.scheduler.fork_sequence(parent_id, child_id, output_token_ids)
+
+    def pause_sequence(self, sequence_id: str) -> None:
+        """Keep a running sequence out of the next steps (its blocks stay) until resumed."""
+        self.scheduler.pause(sequence_id)
+
+    def resume_paused(self) -> None:
+        self.scheduler.resume_paused()
+
+    def abort_sequence(self, sequence_id: str) -> None:
+        """End a bare sequence in any state; its KV blocks are freed at once."""
+        self.scheduler.abort_request(sequence_id)
+
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
