@@ -40,11 +40,12 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory for weights, activations and KV cache, in (0, 1]."""
     kv_cache_memory_gib: float | None = None
-    """KV pool size in GiB; required meaning on CPU (default 0.25), overrides profiling on GPU."""
+    """KV pool size in GiB per rank; sets the pool on CPU (default 0.25), overrides profiling on
+    GPU."""
     num_gpu_blocks_override: int | None = None
     """Exact number of KV blocks (tests, benchmarks); overrides the memory-based sizing."""
     swap_space_gib: float = 0.0
-    """CPU memory for swapped-out blocks; > 0 enables preemption by swapping."""
+    """CPU memory per rank for swapped-out blocks; > 0 enables preemption by swapping."""
     max_num_seqs: int = 256
     """Most sequences per step."""
     max_num_batched_tokens: int | None = None

@@ -11,6 +11,7 @@ worker method on every rank, results in rank order), `execute` (one step, rank 0
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from pagedserve.config import EngineConfig
@@ -65,27 +66,31 @@ class RayExecutor:
             )
         bundle = {"GPU": 1, "CPU": 1} if device_type == "cuda" else {"CPU": 1}
         self.placement_group = placement_group([bundle] * size, strategy="STRICT_PACK")
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            ray.util.remove_placement_group(self.placement_group)
-            raise ValueError(
-                f"EngineConfig.tensor_parallel_size={size}: no single Ray node has {size} free "
-                f"{resource}s (waited {PLACEMENT_TIMEOUT_S:.0f} s); tensor-parallel ranks must "
-                "share a node"
-            )
-        actor = ray.remote(Worker)
-        self.workers = [
-            actor.options(
-                num_cpus=1,
-                num_gpus=1 if device_type == "cuda" else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=rank
-                ),
-            ).remote(config, model_dir, device_type, rank, size)
-            for rank in range(size)
-        ]
+        self.workers: list = []
         self.failure: str | None = None
+        # Actors and the placement group go when the executor is collected, even without an
+        # explicit shutdown(); otherwise a dropped engine would hold its GPUs until exit.
+        self._finalizer = weakref.finalize(self, _release, ray, self.workers,
+                                           self.placement_group)
         try:
+            ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+            if not ready:
+                raise ValueError(
+                    f"EngineConfig.tensor_parallel_size={size}: no single Ray node has {size} "
+                    f"free {resource}s (waited {PLACEMENT_TIMEOUT_S:.0f} s); tensor-parallel "
+                    "ranks must share a node"
+                )
+            actor = ray.remote(Worker)
+            self.workers.extend(
+                actor.options(
+                    num_cpus=1,
+                    num_gpus=1 if device_type == "cuda" else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.placement_group, placement_group_bundle_index=rank
+                    ),
+                ).remote(config, model_dir, device_type, rank, size)
+                for rank in range(size)
+            )
             init_method = self._get([self.workers[0].rendezvous_address.remote()])[0]
             self.collective("load", init_method)
         except BaseException:
@@ -103,8 +108,10 @@ class RayExecutor:
             try:
                 ray.get(done[0])
             except Exception as error:
+                # Ranks still inside a collective would wait forever for the failed one, so
+                # every rank goes and the engine stops (its requests are aborted).
                 self.failure = f"{type(error).__name__}: {error}"
-                self._kill_workers()
+                self._finalizer()
                 raise WorkerFailure(
                     f"a tensor-parallel worker failed ({self.failure}); this engine is stopped"
                 ) from error
@@ -123,18 +130,20 @@ class RayExecutor:
         if self.failure is not None:
             raise WorkerFailure(f"tensor-parallel workers are stopped after: {self.failure}")
 
-    def _kill_workers(self) -> None:
-        for worker in self.workers:
-            self._ray.kill(worker)
-        self.workers = []
-
     def shutdown(self) -> None:
         if self.failure is None:
             self.failure = "shut down"
-        self._kill_workers()
-        if self.placement_group is not None:
-            self._ray.util.remove_placement_group(self.placement_group)
-            self.placement_group = None
+        self._finalizer()
+
+
+def _release(ray: Any, workers: list, placement_group: Any) -> None:
+    # After ray.shutdown() the actors are gone with the cluster, and any Ray call here would
+    # start a fresh cluster just to fail on handles from the old one.
+    if ray.is_initialized():
+        for worker in workers:
+            ray.kill(worker)
+        ray.util.remove_placement_group(placement_group)
+    workers.clear()
 
 
 def make_executor(config: EngineConfig, model_dir: str, device_type: str):

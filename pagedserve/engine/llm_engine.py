@@ -16,7 +16,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.engine.default_model import ensure_default_model
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
-from pagedserve.engine.executor import make_executor
+from pagedserve.engine.executor import WorkerFailure, make_executor
 from pagedserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
@@ -165,12 +165,13 @@ class LLMEngine:
             num_cpu_blocks = min(self.executor.collective("num_cpu_blocks"))
             self.executor.collective("init_cache", num_blocks, num_cpu_blocks,
                                      self.max_model_len, tuple(self.eos_token_ids))
+            self.scheduler = Scheduler(scheduler_config, CacheConfig(
+                block_size=config.block_size, num_gpu_blocks=num_blocks,
+                num_cpu_blocks=num_cpu_blocks,
+                enable_prefix_caching=config.enable_prefix_caching))
         except BaseException:
             self.executor.shutdown()
             raise
-        self.scheduler = Scheduler(scheduler_config, CacheConfig(
-            block_size=config.block_size, num_gpu_blocks=num_blocks,
-            num_cpu_blocks=num_cpu_blocks, enable_prefix_caching=config.enable_prefix_caching))
         logger.info("engine ready: %s on %s x%d (%s), %d KV blocks of %d tokens (%.2f GiB per "
                     "rank), %d CPU swap blocks, max_model_len %d", model_dir, device_type,
                     config.tensor_parallel_size, self.dtype, num_blocks, config.block_size,
@@ -190,7 +191,10 @@ class LLMEngine:
         try:
             return AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as error:
-            logger.warning("no tokenizer in %s (%s); only token-id prompts work", path, error)
+            # The message, not the exception: a log record keeps its args, and the exception's
+            # traceback would keep this engine (and its GPU workers) alive.
+            logger.warning("no tokenizer in %s (%s); only token-id prompts work", path,
+                           str(error))
             return None
 
     # ---- requests -------------------------------------------------------------------------
@@ -297,7 +301,8 @@ class LLMEngine:
         each in its `SamplingParams.output_kind` ('final_only' ones only when finished).
 
         If the model step fails, every request that was in it is aborted (its blocks freed) and
-        EngineStepError carries their final outputs; the engine stays usable.
+        EngineStepError carries their final outputs; the engine stays usable. If a
+        tensor-parallel worker fails, the workers are stopped and every request is aborted.
         """
         scheduler = self.scheduler
         unfinished, preemptions = scheduler.num_unfinished, scheduler.num_preemptions
@@ -321,6 +326,8 @@ class LLMEngine:
         try:
             result = self.executor.execute(step)
             emitted = scheduler.update(step, result.sampled)
+        except WorkerFailure as error:
+            raise EngineStepError(f"model step failed: {error}", self._abort_all()) from error
         except Exception as error:
             raise EngineStepError(f"model step failed: {error}",
                                   self._abort_step(step)) from error
@@ -361,6 +368,16 @@ class LLMEngine:
                 item.request_id)
             if owner is not None:
                 failed[owner[0].request_id] = owner[0]
+        return self._abort(failed)
+
+    def _abort_all(self) -> list[RequestOutput]:
+        """The workers are gone: abort every request and bare sequence; their final outputs."""
+        outputs = self._abort(dict(self._tracked))
+        for sequence_id in list(self.scheduler.requests):
+            self.scheduler.abort_request(sequence_id)
+        return outputs
+
+    def _abort(self, failed: dict[str, _Tracked]) -> list[RequestOutput]:
         for tracked in failed.values():
             self.scheduler.abort_request(tracked.request_id)
             for completion in tracked.outputs:

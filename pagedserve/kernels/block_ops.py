@@ -19,6 +19,8 @@ __all__ = ["copy_blocks", "copy_blocks_reference", "swap_blocks", "swap_blocks_r
 _COPY_CHUNK = 8192
 # Integer types of each element size: the copy moves bits, so any cache dtype (fp8 too) works.
 _BITS_BY_ELEMENT_SIZE = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+# Largest staging buffer one swap transfer uses (on the GPU and pinned on the host).
+_MAX_STAGING_BYTES = 128 * 2**20
 
 
 def _check_block_mapping(block_mapping: torch.Tensor) -> None:
@@ -182,27 +184,44 @@ def swap_blocks_reference(
 
 
 def swap_blocks(
-    src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], block_mapping: torch.Tensor
+    src_caches: list[torch.Tensor],
+    dst_caches: list[torch.Tensor],
+    block_mapping: torch.Tensor,
+    max_staging_bytes: int = _MAX_STAGING_BYTES,
 ) -> None:
     """Copy whole blocks ``src_caches[i][src] -> dst_caches[i][dst]`` across devices, for every
-    pair of tensors (all layers' K and V) in one transfer.
+    pair of tensors (all layers' K and V) in as few transfers as the staging limit allows.
 
     Gathers the source blocks of every tensor into one staging buffer on the source device
     (pinned when that is the CPU), makes one (non-blocking where possible) transfer, and
-    scatters on the destination device. GPU->CPU waits once for the transfer before scattering
-    on the host, so the CPU caches hold the data when this returns; CPU->GPU and GPU->GPU are
-    stream-ordered.
+    scatters on the destination device. Swaps happen when GPU memory is tight, so the staging
+    buffers hold at most ``max_staging_bytes``; bigger swaps go in chunks of blocks. GPU->CPU
+    waits once per chunk before scattering on the host, so the CPU caches hold the data when
+    this returns; CPU->GPU and GPU->GPU are stream-ordered.
     """
     _check_swap_args(src_caches, dst_caches, block_mapping)
     if block_mapping.shape[0] == 0 or not src_caches:
         return
     src_device, dst_device = src_caches[0].device, dst_caches[0].device
-    src_ids = block_mapping[:, 0].to(src_device, torch.int64)
-    dst_ids = block_mapping[:, 1].to(dst_device, torch.int64)
     if src_device == dst_device:
+        src_ids = block_mapping[:, 0].to(src_device, torch.int64)
+        dst_ids = block_mapping[:, 1].to(dst_device, torch.int64)
         for src_cache, dst_cache in zip(src_caches, dst_caches, strict=True):
             dst_cache.index_copy_(0, dst_ids, src_cache.index_select(0, src_ids))
         return
+    block = src_caches[0][0]
+    bytes_per_block = len(src_caches) * block.numel() * block.element_size()
+    chunk = max(1, max_staging_bytes // bytes_per_block)
+    for first in range(0, block_mapping.shape[0], chunk):
+        _swap_chunk(src_caches, dst_caches, block_mapping[first : first + chunk])
+
+
+def _swap_chunk(
+    src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor], block_mapping: torch.Tensor
+) -> None:
+    src_device, dst_device = src_caches[0].device, dst_caches[0].device
+    src_ids = block_mapping[:, 0].to(src_device, torch.int64)
+    dst_ids = block_mapping[:, 1].to(dst_device, torch.int64)
     staging_shape = (len(src_caches), block_mapping.shape[0], *src_caches[0].shape[1:])
     dtype = src_caches[0].dtype
     if src_device.type == "cpu":

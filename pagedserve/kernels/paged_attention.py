@@ -557,6 +557,8 @@ class AttentionConfig:
 
 _MIN_SPLIT_COUNTERS = 1 << 16
 _split_counter_buffers: dict[torch.device, torch.Tensor] = {}
+# Outgrown counter buffers stay allocated: graphs captured earlier still point at them.
+_outgrown_counter_buffers: list[torch.Tensor] = []
 
 
 def _split_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -572,6 +574,8 @@ def _split_counters(device: torch.device, count: int) -> torch.Tensor:
                 f"split-KV attention needs {count} counters on {device} but none were allocated "
                 "before this CUDA-graph capture: run the same launch once eagerly first (warm-up)"
             )
+        if buffer is not None:
+            _outgrown_counter_buffers.append(buffer)
         buffer = torch.zeros(max(count, _MIN_SPLIT_COUNTERS), dtype=torch.int32, device=device)
         _split_counter_buffers[device] = buffer
     return buffer

@@ -116,7 +116,8 @@ class Worker:
         return kv_bytes // self.block_bytes
 
     def num_cpu_blocks(self) -> int:
-        """Swap blocks that fit in this rank's share of `swap_space_gib`."""
+        """Swap blocks that fit in `swap_space_gib` of host memory (per rank, like the KV pool:
+        a rank's block holds only its own KV heads)."""
         return int(self.config.swap_space_gib * GIB) // self.block_bytes
 
     def init_cache(

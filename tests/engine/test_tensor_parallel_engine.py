@@ -78,22 +78,45 @@ def test_ray_backend_with_one_rank_matches_local(checkpoint, hf):
 
 
 def test_a_dead_rank_stops_the_engine_and_every_request_ends(checkpoint):
-    llm = make_llm(checkpoint("llama"), tensor_parallel_size=2, num_gpu_blocks_override=64,
-                   max_num_seqs=2)
-    engine = llm.engine
-    for index, prompt in enumerate(PROMPTS[:4]):
-        engine.add_request(f"r{index}", prompt, greedy())
-    engine.step()
-    ray.kill(engine.executor.workers[1])
-    aborted = []
-    while engine.has_unfinished_requests():
+    with make_llm(checkpoint("llama"), tensor_parallel_size=2, num_gpu_blocks_override=64,
+                  max_num_seqs=2) as llm:
+        engine = llm.engine
+        for index, prompt in enumerate(PROMPTS[:4]):
+            engine.add_request(f"r{index}", prompt, greedy())
+        engine.step()
+        ray.kill(engine.executor.workers[1])
+        # Two were running, two waiting: all four end in the one failed step.
         with pytest.raises(EngineStepError, match="tensor-parallel worker") as failure:
             engine.step()
-        assert all(output.finished for output in failure.value.outputs)
-        aborted.extend(output.request_id for output in failure.value.outputs)
-    assert sorted(aborted) == ["r0", "r1", "r2", "r3"]
-    assert_no_leaks(llm)
-    llm.shutdown()
+        outputs = failure.value.outputs
+        assert sorted(output.request_id for output in outputs) == ["r0", "r1", "r2", "r3"]
+        assert all(output.finished for output in outputs)
+        assert {c.finish_reason for o in outputs for c in o.outputs} == {"abort"}
+        assert_no_leaks(llm)
+        assert not engine.executor.workers  # every rank was stopped
+        engine.add_request("late", PROMPTS[0], greedy())
+        with pytest.raises(EngineStepError, match="workers are stopped") as late:
+            engine.step()
+        assert [output.request_id for output in late.value.outputs] == ["late"]
+        assert_no_leaks(llm)
+
+
+def test_a_dropped_engine_gives_its_ray_resources_back(checkpoint):
+    import gc
+    import time
+    import weakref
+
+    llm = make_llm(checkpoint("llama"), tensor_parallel_size=2, num_gpu_blocks_override=64)
+    outputs = llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)
+    executor = weakref.ref(llm.engine.executor)
+    del llm
+    gc.collect()
+    assert executor() is None
+    assert outputs[0].finished
+    deadline = time.monotonic() + 30  # Ray frees resources asynchronously
+    while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == 4
 
 
 def test_tp_size_that_does_not_split_the_heads_is_refused_before_ray(checkpoint):

@@ -162,13 +162,21 @@ def test_split_merge_is_race_free_and_deterministic():
         device="cuda",
     )
     kwargs = dict(scale=batch.scale, max_query_len=1, max_seq_len=4096, num_kv_splits=16)
-    first = paged_attention(*batch.args(), **kwargs).clone()
-    expected = paged_attention_reference(*batch.args(), **batch.kwargs())
-    assert relative_error(first, expected) < 1e-2
-    for _ in range(50):
-        out = torch.full_like(first, float("nan"))
-        paged_attention(*batch.args(), **kwargs, out=out)
-        assert torch.equal(out, first)
+    # Two query sets in turn: a merge that read a partial before it was written would find the
+    # other set's stale partial there, not an identical one.
+    queries = [batch.query, torch.randn_like(batch.query)]
+    args = list(batch.args())
+    expected = []
+    for query in queries:
+        args[0] = query
+        expected.append(paged_attention(*args, **kwargs).clone())
+        reference = paged_attention_reference(*args, **batch.kwargs())
+        assert relative_error(expected[-1], reference) < 1e-2
+    for launch in range(50):
+        args[0] = queries[launch % 2]
+        out = torch.full_like(expected[0], float("nan"))
+        paged_attention(*args, **kwargs, out=out)
+        assert torch.equal(out, expected[launch % 2])
 
 
 def test_write_kv_and_copy_blocks_bf16():
@@ -190,8 +198,9 @@ def test_write_kv_and_copy_blocks_bf16():
         assert torch.equal(actual, wanted)
 
 
+@pytest.mark.parametrize("staging_blocks", [None, 2])
 @pytest.mark.parametrize("direction", ["gpu_to_cpu", "cpu_to_gpu", "gpu_to_gpu"])
-def test_swap_blocks(direction):
+def test_swap_blocks(direction, staging_blocks):
     # Three layers' K and V in one call, as the model runner swaps them.
     shape = (64, 16, 8, 128)
     gpu = [torch.randn(shape, device="cuda").bfloat16() for _ in range(6)]
@@ -204,7 +213,11 @@ def test_swap_blocks(direction):
     mapping = torch.tensor([[3, 60], [10, 0], [63, 5]])
     expected = [cache.clone() for cache in dst]
     swap_blocks_reference(src, expected, mapping)
-    swap_blocks(src, dst, mapping)
+    if staging_blocks is None:
+        swap_blocks(src, dst, mapping)
+    else:  # chunks of 2 blocks: the 3 pairs go in two transfers
+        block_bytes = len(src) * src[0][0].numel() * src[0].element_size()
+        swap_blocks(src, dst, mapping, max_staging_bytes=staging_blocks * block_bytes)
     torch.cuda.synchronize()
     for actual, wanted in zip(dst, expected, strict=True):
         assert torch.equal(actual.cpu(), wanted.cpu())

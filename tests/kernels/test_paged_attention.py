@@ -140,6 +140,27 @@ def test_split_kv_counters_are_left_zeroed_for_the_next_launch():
         assert int(counters.count_nonzero()) == 0
 
 
+def test_outgrown_split_counters_stay_allocated(monkeypatch):
+    # A CUDA graph captured before the buffer grew still points at the old one, so the old
+    # buffer must stay allocated (never handed to anything else).
+    from pagedserve.kernels import paged_attention as module
+
+    monkeypatch.setattr(module, "_MIN_SPLIT_COUNTERS", 4)
+    monkeypatch.setattr(module, "_split_counter_buffers", {})
+    monkeypatch.setattr(module, "_outgrown_counter_buffers", [])
+    small = make_batch([1, 1], [40, 9], num_q_heads=4, num_kv_heads=2, head_dim=64,
+                       block_size=16, seed=1)
+    large = make_batch([1] * 5, [40, 9, 33, 17, 2], num_q_heads=4, num_kv_heads=2,
+                       head_dim=64, block_size=16, seed=2)
+    _check_kernel(small, tolerance=1e-5, num_kv_splits=2)  # 2 seqs x 2 heads: 4 counters
+    first = module._split_counter_buffers[small.query.device]
+    _check_kernel(large, tolerance=1e-5, num_kv_splits=2)  # 10 counters: the buffer grows
+    grown = module._split_counter_buffers[large.query.device]
+    assert grown.numel() == 10 and module._outgrown_counter_buffers == [first]
+    _check_kernel(small, tolerance=1e-5, num_kv_splits=2)
+    assert module._split_counter_buffers[small.query.device] is grown
+
+
 def test_sliding_window_matches_reference():
     batch = make_batch(
         MIXED_Q_LENS,
