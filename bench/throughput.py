@@ -28,9 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pagedserve import LLM, SamplingParams  # noqa: E402
-from pagedserve.workers.loader import llama_8b_config  # noqa: E402
+from pagedserve.workers.loader import llama_8b_config, llama_70b_config  # noqa: E402
 
 logger = logging.getLogger("bench.throughput")
+
+
+MODEL_SHAPES = {"llama-3-8b": llama_8b_config, "llama-3-70b": llama_70b_config}
 
 
 def _copy_bandwidth(device: torch.device) -> float:
@@ -261,6 +264,9 @@ def main() -> None:
                         help="comma-separated workloads the transformers peers run")
     parser.add_argument("--skip-sharegpt", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3-8b",
+                        help="dummy-weight model shape (transformers peers need --skip-hf for "
+                        "llama-3-70b: it does not fit one GPU)")
     parser.add_argument(
         "--tensor-parallel-size",
         type=int,
@@ -273,7 +279,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device("cuda")
-    config = llama_8b_config()
+    config = MODEL_SHAPES[args.model]()
+    if args.model != "llama-3-8b" and not args.skip_hf:
+        raise SystemExit(f"--model {args.model}: the transformers peers run on one GPU and the "
+                         "model does not fit there; add --skip-hf")
     bandwidth, rate = measure_ceilings(device)
     tp = args.tensor_parallel_size
     numbers = model_numbers(config)
@@ -288,7 +297,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device),
         "copy_bandwidth_tb_s": bandwidth / 1e12,
         "matmul_tflop_s": rate / 1e12,
-        "model": "llama-3-8b shape, random bf16",
+        "model": f"{args.model} shape, random bf16",
         "tensor_parallel_size": tp,
         "workloads": {},
     }
