@@ -19,13 +19,14 @@ DEFAULT_PROMPTS = [
 def _generate(args: argparse.Namespace) -> int:
     from pagedserve import LLM, SamplingParams
 
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, n=args.n)
-    prompts = args.prompt or DEFAULT_PROMPTS
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    with LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+             tensor_parallel_size=args.tensor_parallel_size) as llm:
+        prompts = args.prompt or DEFAULT_PROMPTS
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
     generated = sum(o.usage.completion_tokens for o in outputs)
     records = []
     for output in outputs:
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0, help="engine seed (reproducible runs)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+                     help="ranks (GPUs) to split the model over; > 1 runs Ray worker actors")
     gen.add_argument("--json", default=None, help="write outputs here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

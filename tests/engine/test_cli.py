@@ -30,3 +30,10 @@ def test_generate_writes_outputs_and_is_reproducible(tmp_path, capsys):
 def test_bad_sampling_value_exits_2_naming_the_field(capsys):
     assert main(["generate", "--prompt", "x", "--top-p", "0", "--device", "cpu"]) == 2
     assert "SamplingParams.top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_tensor_parallel_size_that_does_not_split_the_model_exits_2(capsys):
+    assert main(["generate", "--prompt", "x", "--tp", "3", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor parallel size 3 does not evenly split this model" in err
+    assert "valid tensor parallel sizes: [1, 2]" in err
