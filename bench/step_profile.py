@@ -101,6 +101,34 @@ def profile_decode(llm: LLM, prompts) -> str:
     return f"decode: {len(step.scheduled)} seqs\n{table}"
 
 
+def decode_utilization(llm: LLM, prompts, steps: int = 20) -> dict:
+    """Wall time vs GPU kernel time over `steps` whole engine steps of pure decode (CUDA-only
+    profiling, so the host code runs at full speed): the gap is host time the GPU waits for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"u{index}", prompt, SamplingParams(max_tokens=steps + 8,
+                                                               ignore_eos=True))
+    while any(r.num_computed_tokens < len(r.prompt_token_ids)
+              for r in engine.scheduler.requests.values()):
+        engine.step()
+    engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernel_us = sum(event.self_device_time_total for event in prof.key_averages())
+    for index in range(len(prompts)):
+        engine.abort_request(f"u{index}")
+    return {"steps": steps, "batch": len(prompts), "wall_ms_per_step": wall / steps * 1e3,
+            "gpu_kernel_ms_per_step": kernel_us / steps / 1e3,
+            "gpu_idle_fraction": 1 - kernel_us / 1e6 / wall}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-requests", type=int, default=256)
@@ -116,6 +144,7 @@ def main() -> None:
                   enable_prefix_caching=False, enforce_eager=args.eager)
         llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
         summary = timed_steps(llm, prompts, outputs)
+        summary["decode_utilization"] = decode_utilization(llm, prompts)
         print(json.dumps(summary, indent=1))
         print(profile_one(llm, prompts[:16], 2, "prefill"))
         print(profile_decode(llm, prompts))
