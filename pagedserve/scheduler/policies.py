@@ -16,6 +16,19 @@ AdmissionPolicy = Callable[[int, int, int], bool]
 """(blocks the rest of the prompt needs, free blocks, watermark blocks) -> admit now?"""
 
 
+ServiceOrder = Callable[[Request], object]
+"""Sort key of who is served first (smallest first): waiting, swapped and (priority) running."""
+
+
+def by_arrival(request: Request) -> float:
+    return request.arrival_time
+
+
+def by_priority(request: Request) -> tuple[int, float]:
+    """Lower priority value first; earlier arrival among equals."""
+    return (request.priority, request.arrival_time)
+
+
 def newest_first(candidates: list[Request]) -> Request:
     """Preempt the most recently arrived request: it has the least work to redo."""
     return max(candidates, key=lambda r: r.arrival_time)
@@ -99,4 +112,5 @@ class PriorityQueue:
 
 
 WAITING_QUEUES = {"fcfs": FCFSQueue, "priority": PriorityQueue}
+SERVICE_ORDERS: dict[str, ServiceOrder] = {"fcfs": by_arrival, "priority": by_priority}
 DEFAULT_VICTIM_POLICIES = {"fcfs": newest_first, "priority": lowest_priority_first}

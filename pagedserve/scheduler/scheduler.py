@@ -18,6 +18,7 @@ from pagedserve.scheduler.kv_cache_manager import KVCacheManager, TableUpdate
 from pagedserve.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 from pagedserve.scheduler.policies import (
     DEFAULT_VICTIM_POLICIES,
+    SERVICE_ORDERS,
     WAITING_QUEUES,
     AdmissionPolicy,
     VictimPolicy,
@@ -51,6 +52,7 @@ class Scheduler:
         self.watermark_blocks = int(scheduler_config.watermark * cache_config.num_gpu_blocks)
         self.requests: dict[str, Request] = {}
         self.waiting = WAITING_QUEUES[scheduler_config.policy]()
+        self.service_order = SERVICE_ORDERS[scheduler_config.policy]
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
         self.children: dict[str, list[str]] = {}
@@ -139,6 +141,8 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         """Mark a request finished and give back everything it holds."""
         request.status = RequestStatus.FINISHED
+        # Paused between schedule() and update(), it would otherwise come back on resume.
+        self.paused.pop(request.request_id, None)
         self.kv.free(request.request_id)
         del self.requests[request.request_id]
         self._forget(request.request_id)
@@ -146,6 +150,9 @@ class Scheduler:
 
     def _drop_finished_family(self, request: Request) -> None:
         """Forget an n > 1 request's sequence list once its last sequence has finished."""
+        if request.request_id in self._fork_pending:  # ended before it split into n sequences
+            self._fork_pending.discard(request.request_id)
+            self.children.pop(request.request_id, None)
         siblings = self.children.get(request.parent_id)
         if siblings is not None and not any(rid in self.requests for rid in siblings):
             del self.children[request.parent_id]
@@ -188,6 +195,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted_now = False
         scheduled_running: list[Request] = []
+        if self.config.policy == "priority":
+            # Victims come from the requests not yet scheduled this step, so the most urgent
+            # must be scheduled first (admission order would let a late urgent one be evicted).
+            self.running.sort(key=self.service_order)
 
         index = 0
         while (index < len(self.running) and budget > 0
@@ -236,7 +247,9 @@ class Scheduler:
         if swap:
             out.blocks_to_swap_out.extend(self.kv.swap_out(request.request_id))
             request.status = RequestStatus.SWAPPED
+            # Victims go newest (least urgent) first; they come back in service order.
             self.swapped.append(request)
+            self.swapped = deque(sorted(self.swapped, key=self.service_order))
         else:
             self.kv.free(request.request_id)
             request.num_computed_tokens = 0
@@ -372,6 +385,9 @@ class Scheduler:
         if parent.status is not RequestStatus.RUNNING:
             raise ValueError(f"can only fork a running sequence; {parent_id!r} is "
                              f"{parent.status.value}")
+        if parent_id in self._fork_pending:
+            raise ValueError(f"{parent_id!r} has n > 1 and has not split into its sequences "
+                             "yet; fork one of those instead")
         if child_id in self.requests:
             raise ValueError(f"request id {child_id!r} is already in use")
         outputs = list(parent.output_token_ids if output_token_ids is None else output_token_ids)
@@ -419,7 +435,7 @@ class Scheduler:
             child_id = child_request_id(parent_id, index)
             self._make_child(parent, child_id, [], child_params)
             self.children[parent_id].append(child_id)
-        if parent.status is RequestStatus.RUNNING:
+        if parent.status is RequestStatus.RUNNING and self.paused.pop(parent_id, None) is None:
             self.running.remove(parent)
         parent.status = RequestStatus.FINISHED
         self.kv.free(parent_id)

@@ -512,3 +512,82 @@ def test_finished_parallel_request_leaves_no_bookkeeping_and_frees_its_id():
     assert not s.has_unfinished() and s.children == {}
     add(s, "p", [1, 2, 3], n=2, max_tokens=1)  # the id can be used again
     assert s.children == {"p": []}
+
+
+# ---- pause between schedule() and update(), priority order, swap-in order, n > 1 families ----
+
+
+def test_a_request_finished_while_paused_stays_finished():
+    s = make(gpu=8)
+    add(s, "a", [1, 2, 3], max_tokens=1)
+    out = s.schedule()
+    s.pause("a")  # between schedule() and update(): its last token is being computed
+    s.update(out, {"a": 9})
+    s.resume_paused()
+    assert not s.running and not s.paused and not s.has_unfinished()
+    assert s.kv.num_free_blocks == 8
+    assert step(s).scheduled == []
+
+
+def test_an_n2_request_paused_before_it_splits_splits_cleanly():
+    s = make(gpu=8)
+    add(s, "p", [1, 2, 3], n=2, max_tokens=2, ignore_eos=True)
+    out = s.schedule()
+    s.pause("p")
+    s.update(out, {})
+    s.resume_paused()
+    assert sorted(s.requests) == ["p/0", "p/1"] and "p" not in s.paused
+    while s.has_unfinished():
+        step(s)
+    assert s.kv.num_free_blocks == 8
+
+
+def test_priority_mode_preempts_the_least_urgent_even_if_admitted_first():
+    s = make(gpu=3, policy="priority")
+    add(s, "low", [1] * 3, t=0.0, priority=9, max_tokens=8, ignore_eos=True)
+    step(s)
+    add(s, "high", [2] * 4, t=1.0, priority=0, max_tokens=8, ignore_eos=True)
+    order = []
+    while s.has_unfinished():
+        order.append([item.request_id for item in step(s).scheduled])
+    # Both fit at first; when "high" needs a block, "low" is evicted although it was admitted
+    # first, and comes back only when "high" is done.
+    assert order[:9] == [["low", "high"]] + [["high"]] * 7 + [["low"]]
+    assert s.num_preemptions == 1 and s.kv.num_free_blocks == 3
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_swapped_requests_come_back_oldest_or_most_urgent_first(policy):
+    s = make(gpu=4, cpu=16, policy=policy, preemption_mode="swap")
+    for index, rid in enumerate("ABC"):
+        add(s, rid, [index + 1] * 4, t=float(index), priority=index, max_tokens=8,
+            ignore_eos=True)
+    swapped_in = []
+    while s.has_unfinished():
+        out = s.schedule()
+        if out.blocks_to_swap_out:
+            assert [r.request_id for r in s.swapped] == sorted(r.request_id for r in s.swapped)
+        swapped_in += [i.request_id for i in out.scheduled
+                       if out.blocks_to_swap_in and i.new_request is not None]
+        s.update(out, {i.request_id: 1 for i in out.scheduled if i.sample})
+    assert swapped_in == sorted(swapped_in) and swapped_in
+    assert s.kv.num_free_blocks == 4
+
+
+def test_an_n2_request_finished_before_it_splits_frees_its_id():
+    s = make(gpu=8, max_num_batched_tokens=2)
+    add(s, "p", [1, 2, 3, 4, 5], n=2)
+    s.schedule()
+    s.finish_request("p", FinishReason.STOP)
+    assert not s.has_unfinished() and not s.children
+    add(s, "p", [1, 2], max_tokens=1)  # the id is free again
+    step(s)
+    assert not s.has_unfinished() and s.kv.num_free_blocks == 8
+
+
+def test_fork_of_an_n2_request_before_it_splits_is_refused():
+    s = make(gpu=8, max_num_batched_tokens=2)
+    add(s, "p", [1, 2, 3, 4, 5], n=2)
+    step(s)
+    with pytest.raises(ValueError, match="has not split into its sequences yet"):
+        s.fork_sequence("p", "c")
