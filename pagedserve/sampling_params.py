@@ -12,6 +12,14 @@ def _require(ok: bool, name: str, rule: str, value: Any, owner: str = "SamplingP
         raise ValueError(f"{owner}.{name} must be {rule}, got {value!r}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop; validated on construction."""
@@ -64,7 +72,20 @@ class SamplingParams:
     OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        # Types first, so that a wrong one is named instead of failing a comparison below.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            _require(_is_number(getattr(self, name)), name, "a number", getattr(self, name))
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            _require(isinstance(getattr(self, name), bool), name, "True or False",
+                     getattr(self, name))
+        _require(self.logit_bias is None or isinstance(self.logit_bias, dict), "logit_bias",
+                 "None or a dict of token id -> bias", self.logit_bias)
+        _require(self.stop is None or isinstance(self.stop, str | list | tuple), "stop",
+                 "None, a string or a list of strings", self.stop)
+        _require(self.stop_token_ids is None or isinstance(self.stop_token_ids, list | tuple),
+                 "stop_token_ids", "None or a list of token ids", self.stop_token_ids)
         _require(
             math.isfinite(self.temperature) and self.temperature >= 0,
             "temperature", "a finite number >= 0", self.temperature,
@@ -87,9 +108,10 @@ class SamplingParams:
                  self.frequency_penalty)
         if self.logit_bias is not None:
             for token_id, bias in self.logit_bias.items():
-                _require(isinstance(token_id, int) and token_id >= 0, "logit_bias",
+                _require(_is_int(token_id) and token_id >= 0, "logit_bias",
                          "keyed by token ids >= 0", token_id)
-                _require(-100 <= bias <= 100, "logit_bias", "valued in [-100, 100]", bias)
+                _require(_is_number(bias) and -100 <= bias <= 100, "logit_bias",
+                         "valued in [-100, 100]", bias)
         _require(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None",
                  self.seed)
         _require(
@@ -107,7 +129,7 @@ class SamplingParams:
             _require(all(isinstance(s, str) and s for s in self.stop), "stop",
                      "a list of non-empty strings", self.stop)
         if self.stop_token_ids is not None:
-            _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                      "stop_token_ids", "a list of token ids >= 0", self.stop_token_ids)
         _require(self.output_kind in self.OUTPUT_KINDS, "output_kind",
                  f"one of {self.OUTPUT_KINDS}", self.output_kind)

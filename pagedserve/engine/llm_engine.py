@@ -62,7 +62,8 @@ class _Tracked:
     def delta(self) -> RequestOutput:
         """What is new since the last delta. While a sequence runs, the last (longest stop
         string - 1) characters stay back: a stop string completing later may remove them."""
-        if not self.sent:
+        first = not self.sent
+        if first:
             self.sent = [(0, 0, 0)] * len(self.outputs)
         hold_back = max((len(stop) for stop in self.params.stop or ()), default=1) - 1
         completions = []
@@ -79,20 +80,22 @@ class _Tracked:
                 logprobs=None if logprobs is None else logprobs[logprobs_sent:]))
             self.sent[index] = (len(completion.token_ids), text_end,
                                 0 if logprobs is None else len(logprobs))
-        return self._output(completions)
+        # Prompt logprobs are complete before the first token: they go in the first delta only.
+        return self._output(completions, self.prompt_logprobs if first else None)
 
     def snapshot(self) -> RequestOutput:
         """Everything so far (copies: later steps do not change what was returned)."""
         return self._output([
             dataclasses.replace(o, token_ids=list(o.token_ids),
                                 logprobs=None if o.logprobs is None else list(o.logprobs))
-            for o in self.outputs])
+            for o in self.outputs], self.prompt_logprobs)
 
-    def _output(self, completions: list[CompletionOutput]) -> RequestOutput:
+    def _output(self, completions: list[CompletionOutput],
+                prompt_logprobs: list[TokenLogprobs | None] | None) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids, outputs=completions,
-            finished=self.finished, prompt_logprobs=self.prompt_logprobs,
+            finished=self.finished, prompt_logprobs=prompt_logprobs,
             metrics=dataclasses.replace(self.metrics))
 
 
@@ -327,17 +330,20 @@ class LLMEngine:
             result = self.executor.execute(step)
             emitted = scheduler.update(step, result.sampled)
         except WorkerFailure as error:
-            raise EngineStepError(f"model step failed: {error}", self._abort_all()) from error
+            raise EngineStepError(f"model step failed: {error}",
+                                  self._abort_all(changed)) from error
         except Exception as error:
             raise EngineStepError(f"model step failed: {error}",
-                                  self._abort_step(step)) from error
+                                  self._abort_step(step, changed)) from error
         self.last_result = result
         for request_id, (start, entries) in result.prompt_logprobs.items():
             tracked = self._tracked.get(request_id)
             if tracked is not None and tracked.prompt_logprobs is not None:
                 logprobs = tracked.prompt_logprobs
-                if start == len(logprobs):
-                    logprobs.extend(entries)
+                # After a recompute preemption the chunks start at other positions; take what
+                # extends the entries already known.
+                if start <= len(logprobs) < start + len(entries):
+                    logprobs.extend(entries[len(logprobs) - start:])
         now = time.monotonic()
         for request in emitted:
             owner = self._sequence_owner.get(request.request_id)
@@ -360,31 +366,33 @@ class LLMEngine:
                     self._sequence_owner.pop(sequence_id, None)
         return outputs
 
-    def _abort_step(self, step) -> list[RequestOutput]:
-        """Abort every request that had a sequence in a failed step; their final outputs."""
+    def _abort_step(self, step, changed: dict[str, _Tracked]) -> list[RequestOutput]:
+        """Abort every request that had a sequence in a failed step; their final outputs and
+        those of the requests that changed before the failure (`changed`)."""
         failed: dict[str, _Tracked] = {}
         for item in step.scheduled:
             owner = self._sequence_owner.get(item.request_id) or self._owner_of_parent(
                 item.request_id)
             if owner is not None:
                 failed[owner[0].request_id] = owner[0]
-        return self._abort(failed)
+        return self._abort(failed, changed)
 
-    def _abort_all(self) -> list[RequestOutput]:
+    def _abort_all(self, changed: dict[str, _Tracked]) -> list[RequestOutput]:
         """The workers are gone: abort every request and bare sequence; their final outputs."""
-        outputs = self._abort(dict(self._tracked))
+        outputs = self._abort(dict(self._tracked), changed)
         for sequence_id in list(self.scheduler.requests):
             self.scheduler.abort_request(sequence_id)
         return outputs
 
-    def _abort(self, failed: dict[str, _Tracked]) -> list[RequestOutput]:
+    def _abort(self, failed: dict[str, _Tracked],
+               changed: dict[str, _Tracked]) -> list[RequestOutput]:
         for tracked in failed.values():
             self.scheduler.abort_request(tracked.request_id)
             for completion in tracked.outputs:
                 if completion.finish_reason is None:
                     completion.finish_reason = FinishReason.ABORT.value
                     tracked.num_finished += 1
-        return self._collect(failed)
+        return self._collect({**changed, **failed})
 
     def _close_sequence(self, request: Request, changed: dict[str, _Tracked],
                         now: float) -> None:
@@ -422,6 +430,12 @@ class LLMEngine:
             completion.logprobs.append(logprobs)
             completion.cumulative_logprob += logprobs.logprob
         detokenizer = tracked.detokenizers[index]
+        # As in vLLM, the text of a stop token (EOS or a stop token id) stays out of the output
+        # unless include_stop_str_in_output; its id is still in token_ids.
+        stopped_on_token = request.status.is_finished \
+            and request.finish_reason is FinishReason.STOP
+        if stopped_on_token and not tracked.params.include_stop_str_in_output:
+            detokenizer = None
         if detokenizer is not None:
             stop = detokenizer.push(
                 token_id, check_stop=len(completion.token_ids) >= tracked.params.min_tokens)

@@ -69,6 +69,12 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; one with n > 1 is split into n sequences after its shared prefill."""
+        if not isinstance(request.request_id, str) or not request.request_id:
+            raise ValueError(f"request id must be a non-empty string, got {request.request_id!r}")
+        if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+            raise ValueError(f"priority must be an integer, got {request.priority!r}")
+        if request.cache_salt is not None and not isinstance(request.cache_salt, str):
+            raise ValueError(f"cache_salt must be a string or None, got {request.cache_salt!r}")
         if "/" in request.request_id:
             raise ValueError(f"request id {request.request_id!r} must not contain '/' (reserved "
                              "for the sequences of requests with n > 1)")
