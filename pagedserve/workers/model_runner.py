@@ -57,14 +57,18 @@ def conflict_free_waves(pairs: list[tuple[int, int]]) -> list[list[tuple[int, in
 
 
 def _to_token_logprobs(tensors: LogprobsTensors, rows: range | list[int],
-                       num_top: int) -> list[TokenLogprobs]:
+                       num_top: int | list[int]) -> list[TokenLogprobs]:
+    """Host-side entries for `rows`, with `num_top` alternatives each (one number for all rows
+    or one per row). One device-to-host copy per tensor, whatever the number of rows."""
+    tops = [num_top] * len(rows) if isinstance(num_top, int) else num_top
     token_ids = tensors.token_ids.tolist()
     values = tensors.token_logprobs.tolist()
     ranks = tensors.token_ranks.tolist()
-    top_ids = tensors.top_token_ids[:, :num_top].tolist()
-    top_values = tensors.top_logprobs[:, :num_top].tolist()
+    top_ids = tensors.top_token_ids[:, :max(tops, default=0)].tolist()
+    top_values = tensors.top_logprobs[:, :max(tops, default=0)].tolist()
     return [TokenLogprobs(token_ids[r], values[r], ranks[r],
-                          list(zip(top_ids[r], top_values[r], strict=True))) for r in rows]
+                          list(zip(top_ids[r][:top], top_values[r][:top], strict=True)))
+            for r, top in zip(rows, tops, strict=True)]
 
 
 class ModelRunner:
@@ -208,10 +212,12 @@ class ModelRunner:
             state.output_token_ids.append(token_id)
             result.sampled[item.request_id] = token_id
         if output.logprobs is not None:
-            for index, (item, state) in enumerate(zip(items, states, strict=True)):
-                if state.params.logprobs is not None:
-                    (entry,) = _to_token_logprobs(output.logprobs, [index], state.params.logprobs)
-                    result.logprobs[item.request_id] = entry
+            wanted = [index for index, state in enumerate(states)
+                      if state.params.logprobs is not None]
+            entries = _to_token_logprobs(output.logprobs, wanted,
+                                         [states[index].params.logprobs for index in wanted])
+            for index, entry in zip(wanted, entries, strict=True):
+                result.logprobs[items[index].request_id] = entry
 
     def _prompt_logprobs(self, step: SchedulerOutput, rows: list[int], hidden: torch.Tensor,
                          query_start_loc: list[int], result: StepResult) -> None:
