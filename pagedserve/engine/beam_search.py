@@ -4,6 +4,9 @@ Each step every live beam yields its top 2 x width next tokens (logprobs of the 
 distribution); the best `width` extensions survive. A survivor is a fork of its parent beam
 (all blocks shared; the partial last block is copied on first write), and parents are then
 released, so memory grows with the number of distinct suffixes, not with width x length.
+Beams that delivered their logprobs wait (paused) for the others; if the paused ones leave a
+preempted beam no room, they are released early and their children start as new sequences
+over the same tokens (re-reading the prefix from the prefix cache where it is enabled).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from pagedserve.engine.llm_engine import NoProgressError
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -37,6 +41,11 @@ class _Beam:
     sequence_id: str
     token_ids: list[int]
     logprob: float
+    released: bool = False
+    """Its sequence was aborted to free KV blocks; children start as new sequences."""
+    in_prompt: int = 0
+    """How many of `token_ids` its sequence holds as prompt (a sequence started for a child of
+    a released beam has them all there); forks pass only the rest as outputs."""
 
 
 @dataclass
@@ -70,7 +79,21 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
             pending = {beam.sequence_id for group in groups for beam in group.active}
             logprobs = {}
             while pending:
-                engine.step()
+                try:
+                    engine.step()
+                except NoProgressError:
+                    # Paused beams hold blocks a preempted beam needs back. Their logprobs are
+                    # in hand: release them; their children re-read the prefix (from the
+                    # prefix cache where enabled) as new sequences.
+                    paused = [beam for group in groups for beam in group.active
+                              if beam.sequence_id in logprobs and not beam.released]
+                    if not paused:
+                        raise
+                    engine.resume_paused()
+                    for beam in paused:
+                        engine.abort_sequence(beam.sequence_id)
+                        beam.released = True
+                    continue
                 for sequence_id, entry in engine.last_result.logprobs.items():
                     if sequence_id in pending:
                         logprobs[sequence_id] = entry
@@ -83,17 +106,19 @@ def run_beam_search(engine, prompts: list[str | list[int]], params: BeamSearchPa
             engine.resume_paused()
             for group in groups:
                 _advance(group, logprobs, engine, width, eos_ids, params, id_prefix, counter,
-                         engine.max_model_len)
+                         engine.max_model_len, step_params)
     finally:
         engine.resume_paused()
         for group in groups:
             for beam in group.active:
-                engine.abort_sequence(beam.sequence_id)
+                if not beam.released:
+                    engine.abort_sequence(beam.sequence_id)
     return [_finish(group, width, params.length_penalty, engine.tokenizer) for group in groups]
 
 
 def _advance(group: _Group, logprobs, engine, width: int, eos_ids: set[int],
-             params: BeamSearchParams, id_prefix: str, counter, max_model_len: int) -> None:
+             params: BeamSearchParams, id_prefix: str, counter, max_model_len: int,
+             step_params: SamplingParams) -> None:
     candidates = []
     for beam in group.active:
         for token_id, logprob in logprobs[beam.sequence_id].top[:2 * width]:
@@ -109,10 +134,15 @@ def _advance(group: _Group, logprobs, engine, width: int, eos_ids: set[int],
             group.done.append(BeamSequence(token_ids, logprob))
             continue
         child_id = f"{id_prefix}-{next(counter)}"
-        engine.fork_sequence(beam.sequence_id, child_id, token_ids)
-        survivors.append(_Beam(child_id, token_ids, logprob))
+        if beam.released:
+            engine.add_sequence(child_id, group.prompt_token_ids + token_ids, step_params)
+            survivors.append(_Beam(child_id, token_ids, logprob, in_prompt=len(token_ids)))
+        else:
+            engine.fork_sequence(beam.sequence_id, child_id, token_ids[beam.in_prompt:])
+            survivors.append(_Beam(child_id, token_ids, logprob, in_prompt=beam.in_prompt))
     for beam in group.active:
-        engine.abort_sequence(beam.sequence_id)
+        if not beam.released:
+            engine.abort_sequence(beam.sequence_id)
     group.active = survivors
 
 

@@ -116,6 +116,11 @@ def _eos_token_ids(hf_config: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+class NoProgressError(RuntimeError):
+    """A step could schedule nothing although requests wait: the KV cache cannot hold them
+    (or, with paused sequences, holds what the paused ones keep)."""
+
+
 class EngineStepError(RuntimeError):
     """A model step failed; the requests in it were aborted. `outputs` are their final states."""
 
@@ -319,8 +324,8 @@ class LLMEngine:
                 and (unfinished, preemptions) == (scheduler.num_unfinished,
                                                   scheduler.num_preemptions):
             self.executor.execute(step)  # still tell the workers what to forget
-            raise RuntimeError("scheduler made no progress with requests waiting; the KV cache "
-                               "is too small for the waiting prompts")
+            raise NoProgressError("scheduler made no progress with requests waiting; the KV "
+                                  "cache is too small for the waiting prompts")
         for item in step.scheduled:
             owner = self._sequence_owner.get(item.request_id) or self._owner_of_parent(
                 item.request_id)
