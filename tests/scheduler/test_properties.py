@@ -116,3 +116,51 @@ def test_random_aborts_between_schedule_and_update_return_every_block(workload, 
     if scheduler.kv.cpu_pool is not None:
         assert scheduler.kv.cpu_pool.num_free_blocks == cache.num_cpu_blocks
     scheduler.kv.check_invariants()
+
+
+@SETTINGS
+@given(workloads(), st.data())
+def test_random_pause_finish_and_abort_around_update_lose_nothing(workload, data):
+    """Pause, finish and abort random requests between schedule() and update() (the points
+    beam search and stop strings use); paused ones resume at random later. Every request ends,
+    nothing stays paused or running, every block comes back."""
+    from pagedserve.scheduler.request import FinishReason
+
+    specs, sched, cache = workload
+    scheduler = Scheduler(sched, cache)
+    for spec in specs:
+        scheduler.add_request(Request(spec.request_id, list(spec.prompt), spec.params,
+                                      eos_token_id=spec.eos, priority=spec.priority,
+                                      cache_salt=spec.cache_salt))
+    for _step in range(300):
+        if not scheduler.has_unfinished():
+            break
+        out = scheduler.schedule()
+        check_step(scheduler, out)
+        live = sorted(scheduler.requests)
+        if live:
+            action = data.draw(st.sampled_from(["none", "pause", "finish", "abort"]))
+            target = data.draw(st.sampled_from(live))
+            if action == "pause":
+                scheduler.pause(target)
+            elif action == "finish":
+                scheduler.finish_request(target, FinishReason.STOP)
+            elif action == "abort":
+                scheduler.abort_request(target)
+            check_step(scheduler, out)
+        sampled = {item.request_id: (item.start_position * 7 + 3) % 61
+                   for item in out.scheduled if item.sample}
+        scheduler.update(out, sampled)
+        check_step(scheduler, out)
+        if data.draw(st.booleans()):
+            scheduler.resume_paused()
+    scheduler.resume_paused()
+    for request_id in sorted(scheduler.requests):
+        scheduler.abort_request(request_id)
+    assert not scheduler.has_unfinished() and scheduler.children == {}
+    assert not scheduler.paused and not scheduler._fork_pending
+    assert scheduler.running == [] and len(scheduler.waiting) == 0 and not scheduler.swapped
+    assert scheduler.kv.num_free_blocks == cache.num_gpu_blocks
+    if scheduler.kv.cpu_pool is not None:
+        assert scheduler.kv.cpu_pool.num_free_blocks == cache.num_cpu_blocks
+    scheduler.kv.check_invariants()
