@@ -529,9 +529,12 @@ def _merge_splits(
         for offset in tl.static_range(_MERGE_UNROLL):
             split = first_split + offset
             weight = tl.sum(tl.where(splits[None, :] == split, weights, 0.0), 1)
+            # A per-row block, not a scalar: the mask must be a boolean tensor of the tile's
+            # rows (newer interpreters reject an integer mask from `tile & scalar`).
+            split_exists = (split_rows * 0 + split) < num_kv_splits
             split_acc = tl.load(
                 split_acc_ptr + (split_rows + split)[:, None] * HEAD_DIM_PAD + dims[None, :],
-                mask=row_valid[:, None] & (split < num_kv_splits),
+                mask=(row_valid & split_exists)[:, None],
                 other=0.0,
                 cache_modifier=".cg",
             )
