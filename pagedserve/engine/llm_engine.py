@@ -107,12 +107,22 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _eos_token_ids(hf_config: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(hf_config, "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, list | tuple) else [] if eos is None else [eos]
-    if tokenizer is not None and tokenizer.eos_token_id is not None \
-            and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+def _eos_token_ids(hf_config: Any, tokenizer: Any, model_dir: str) -> list[int]:
+    """EOS ids from config.json, then generation_config.json (instruct models often list their
+    end-of-turn token only there, e.g. Llama 3's <|eot_id|>), then the tokenizer."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_eos = GenerationConfig.from_pretrained(
+            model_dir, local_files_only=True).eos_token_id
+    except OSError:
+        generation_eos = None
+    ids: list[int] = []
+    for eos in (getattr(hf_config, "eos_token_id", None), generation_eos,
+                None if tokenizer is None else tokenizer.eos_token_id):
+        for token_id in eos if isinstance(eos, list | tuple) else [eos]:
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
     return ids
 
 
@@ -146,7 +156,7 @@ class LLMEngine:
                              f"max_position_embeddings ({max_positions}), got "
                              f"{config.max_model_len}")
         self.max_model_len = config.max_model_len or min(max_positions, 8192)
-        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer)
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, model_dir)
         budget = config.max_num_batched_tokens or max(2048, self.max_model_len)
         if not config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)

@@ -219,6 +219,8 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
+# transformers maps both names to SiLU.
+_SILU_NAMES = ("silu", "swish")
 _MODEL_TYPE_TO_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -233,6 +235,10 @@ def model_class_for(config: Any) -> type[LlamaForCausalLM]:
     if not architectures:
         model_type = getattr(config, "model_type", None)
         architectures = [_MODEL_TYPE_TO_ARCHITECTURE.get(model_type, f"model_type={model_type}")]
+    activation = getattr(config, "hidden_act", "silu")
+    if activation not in _SILU_NAMES:
+        raise ValueError(f"unsupported hidden_act {activation!r}; the MLP supports only "
+                         f"{list(_SILU_NAMES)} (SiLU-gated)")
     for name in architectures:
         if name in MODEL_REGISTRY:
             return MODEL_REGISTRY[name]

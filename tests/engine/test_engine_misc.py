@@ -124,3 +124,26 @@ def test_metrics_are_ordered(checkpoint):
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
         assert output.usage.prompt_tokens == len(output.prompt_token_ids)
         assert output.usage.total_tokens == len(output.prompt_token_ids) + 3
+
+
+def test_eos_ids_of_generation_config_stop_generation(tmp_path, hf):
+    """Instruct checkpoints often list their end-of-turn token only in generation_config.json."""
+    import json
+
+    from tests.helpers.tiny_models import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "ckpt", "llama")
+    prompt = make_prompts((9,), seed=2)[0]
+    free_run = hf.generate(path, prompt, 12)
+    stop_token = free_run[4]
+    config = json.loads((path / "generation_config.json").read_text()) \
+        if (path / "generation_config.json").exists() else {}
+    config["eos_token_id"] = [2, stop_token]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    llm = make_llm(path, num_gpu_blocks_override=64)
+    assert stop_token in llm.engine.eos_token_ids
+    (output,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12),
+                             use_tqdm=False)
+    assert output.outputs[0].token_ids == free_run[:free_run.index(stop_token) + 1]
+    assert output.outputs[0].finish_reason == "stop"
+    assert_no_leaks(llm)

@@ -94,3 +94,11 @@ def test_architecture_mapping():
     with pytest.raises(ValueError, match=r"unsupported model architecture \['GPT2LMHeadModel'\]"
                        r".*LlamaForCausalLM"):
         model_class_for(tiny_config("llama", architectures=["GPT2LMHeadModel"]))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh", "relu"])
+def test_an_mlp_activation_other_than_silu_is_refused(activation):
+    with pytest.raises(ValueError, match=f"unsupported hidden_act '{activation}'; the MLP "
+                                         r"supports only \['silu', 'swish'\]"):
+        model_class_for(tiny_config("llama", hidden_act=activation))
+    assert model_class_for(tiny_config("llama", hidden_act="swish")) is not None
