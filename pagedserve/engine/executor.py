@@ -91,8 +91,10 @@ class RayExecutor:
                 ).remote(config, model_dir, device_type, rank, size)
                 for rank in range(size)
             )
-            init_method = self._get([self.workers[0].rendezvous_address.remote()])[0]
-            self.collective("load", init_method)
+            rendezvous = None
+            if size > 1:
+                rendezvous = self._get([self.workers[0].open_rendezvous.remote()])[0]
+            self.collective("load", rendezvous)
         except BaseException:
             self.shutdown()
             raise

@@ -75,15 +75,21 @@ class TensorParallelGroup:
 
 
 def init_tensor_parallel(
-    rank: int, size: int, init_method: str, backend: str | None = None
+    rank: int,
+    size: int,
+    init_method: str | None = None,
+    backend: str | None = None,
+    store: Any = None,
 ) -> TensorParallelGroup:
     """Initialise torch.distributed for a TP group spanning the whole world; TP=1 skips it.
 
-    `backend` defaults to NCCL when CUDA is available and gloo otherwise.
+    The ranks meet through `init_method` (a URL) or an already created `store` (a
+    torch.distributed Store). `backend` defaults to NCCL when CUDA is available, else gloo.
     """
     if size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+        dist.init_process_group(backend, init_method=init_method, store=store, rank=rank,
+                                world_size=size)
     return TensorParallelGroup(rank=rank, size=size)
 
 

@@ -11,7 +11,6 @@ rank joins the process group.
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 import torch
@@ -61,24 +60,33 @@ class Worker:
         )
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
+        self._store = None  # rank 0's rendezvous store (kept alive while the group exists)
 
-    @staticmethod
-    def rendezvous_address() -> str:
-        """A tcp:// address on this node with a free port, for torch.distributed to meet at."""
+    def open_rendezvous(self) -> tuple[str, int]:
+        """On rank 0: start the store the ranks meet at, on a port the OS picks (no window in
+        which another process could take it); returns (host, port) for the other ranks."""
         import ray
+        import torch.distributed as dist
 
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(host, 0, self.world_size, is_master=True,
+                                    wait_for_workers=False)
+        return host, self._store.port
 
-    def load(self, init_method: str | None) -> None:
-        """Join the tensor-parallel group (NCCL on GPU, gloo on CPU) and load this rank's shard."""
+    def load(self, rendezvous: tuple[str, int] | None) -> None:
+        """Join the tensor-parallel group (NCCL on GPU, gloo on CPU) at `rendezvous` (from rank
+        0's `open_rendezvous`; None for a single rank) and load this rank's shard."""
+        import torch.distributed as dist
+
         if self.device.type == "cuda":
             # A Ray GPU actor sees only its own GPU; in-process, the caller's current device.
             self.device = torch.device("cuda", torch.cuda.current_device())
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        tp = init_tensor_parallel(self.rank, self.world_size, init_method or "", backend)
+        store = None
+        if self.world_size > 1:
+            store = self._store if self.rank == 0 else dist.TCPStore(
+                *rendezvous, self.world_size, is_master=False)
+        tp = init_tensor_parallel(self.rank, self.world_size, backend=backend, store=store)
         config = self.config
         source = self.hf_config if config.load_format == "dummy" else self.model_dir
         self.model = load_model(
