@@ -15,7 +15,9 @@ fixed token id; no tensors, no torch. Four parts:
    prefill, FCFS admission while the reservation fits in the same number of token slots):
    "contiguous-max" reserves max_model_len per request (Orca-max), "contiguous-oracle" reserves
    prompt + max_tokens (Orca-oracle). Their useful fraction is stored tokens / reserved slots.
-   External fragmentation is ignored, which flatters both baselines.
+   External fragmentation is ignored, which flatters both baselines. "useful" measures waste
+   inside allocations only (it barely depends on the memory size); "pool@sat" is stored tokens /
+   all slots of the memory, over the steps when requests are still waiting for memory.
 2. Block size 8/16/32 for the paged allocator at the headline memory (same token slots).
 3. Sharing. Parallel sampling n=2,4,6 through the scheduler (SamplingParams(n=k), prefix caching
    on) versus k independent requests per prompt with prefix caching off; saving = 1 - (block
@@ -161,6 +163,9 @@ class AllocatorRun:
     block_size: int
     num_blocks: int
     useful_fraction: float
+    saturated_pool_fraction: float
+    """Stored tokens / all pool slots, over the steps with requests still waiting (when the
+    KV memory is what limits the batch): how much of the whole memory holds real tokens."""
     mean_running: float
     steps: int
     output_tokens_per_step: float
@@ -215,12 +220,17 @@ def run_paged(trace: Trace, block_size: int, num_blocks: int) -> AllocatorRun:
         )
     pool = scheduler.kv.pool
     stored_token_steps = allocated_slot_steps = running_steps = steps = generated = 0
+    saturated_stored = saturated_steps = 0
     while scheduler.has_unfinished():
         out = scheduler.schedule()
         if out.is_empty:
             raise RuntimeError("scheduler made no progress with unfinished requests")
         steps += 1
-        stored_token_steps += sum(r.num_computed_tokens for r in scheduler.running)
+        stored = sum(r.num_computed_tokens for r in scheduler.running)
+        stored_token_steps += stored
+        if len(scheduler.waiting):
+            saturated_stored += stored
+            saturated_steps += 1
         allocated_slot_steps += (pool.num_blocks - pool.num_free_blocks) * block_size
         running_steps += len(scheduler.running)
         sampled = {item.request_id: FAKE_TOKEN_ID for item in out.scheduled if item.sample}
@@ -234,6 +244,7 @@ def run_paged(trace: Trace, block_size: int, num_blocks: int) -> AllocatorRun:
         block_size,
         num_blocks,
         stored_token_steps / allocated_slot_steps,
+        saturated_stored / max(saturated_steps * num_blocks * block_size, 1),
         running_steps / steps,
         steps,
         generated / steps,
@@ -276,6 +287,7 @@ def run_contiguous(
     running: list[ContiguousSequence] = []
     reserved_slots = 0
     stored_token_steps = reserved_slot_steps = running_steps = steps = generated = 0
+    saturated_stored = saturated_steps = 0
     while waiting or running:
         budget = MAX_NUM_BATCHED_TOKENS
         generated_before = sum(seq.generated for seq in running)
@@ -299,7 +311,11 @@ def run_contiguous(
             raise RuntimeError(f"{name}: a request does not fit in {capacity_slots} slots")
         steps += 1
         generated += sum(seq.generated for seq in running) - generated_before
-        stored_token_steps += sum(seq.computed for seq in running)
+        stored = sum(seq.computed for seq in running)
+        stored_token_steps += stored
+        if waiting:
+            saturated_stored += stored
+            saturated_steps += 1
         reserved_slot_steps += reserved_slots
         running_steps += len(running)
         finished = [seq for seq in running if seq.generated == seq.output_len]
@@ -311,6 +327,7 @@ def run_contiguous(
         HEADLINE_BLOCK_SIZE,
         capacity_slots // HEADLINE_BLOCK_SIZE,
         stored_token_steps / reserved_slot_steps,
+        saturated_stored / max(saturated_steps * capacity_slots, 1),
         running_steps / steps,
         steps,
         generated / steps,
@@ -524,12 +541,14 @@ def render(report: dict) -> str:
         format_table(
             f"KV memory sizes (block {HEADLINE_BLOCK_SIZE}; memory = blocks x "
             f"{HEADLINE_BLOCK_SIZE} token slots)",
-            ["blocks", "allocator", "useful", "running", "steps", "out tok/step", "preempt"],
+            ["blocks", "allocator", "useful", "pool@sat", "running", "steps", "out tok/step",
+             "preempt"],
             [
                 [
                     r["num_blocks"],
                     r["allocator"],
                     r["useful_fraction"],
+                    r["saturated_pool_fraction"],
                     r["mean_running"],
                     r["steps"],
                     r["output_tokens_per_step"],
@@ -650,9 +669,9 @@ def main() -> None:
             for num_running in tqdm(DECODE_BATCH_SIZES, desc="scheduler cost")
         ]
 
-    def headline_fraction(allocator: str) -> float:
+    def headline(allocator: str) -> AllocatorRun:
         return next(
-            r.useful_fraction
+            r
             for r in memory_sizes
             if r.allocator == allocator and r.num_blocks == HEADLINE_NUM_BLOCKS
         )
@@ -669,9 +688,13 @@ def main() -> None:
             "sharegpt_sampling": sharegpt_sampling.summary(),
             "alpaca_sampling": alpaca_sampling.summary(),
         },
-        "useful_fraction_paged": headline_fraction("paged"),
-        "useful_fraction_contiguous": headline_fraction("contiguous-max"),
-        "useful_fraction_contiguous_oracle": headline_fraction("contiguous-oracle"),
+        "useful_fraction_paged": headline("paged").useful_fraction,
+        "useful_fraction_contiguous": headline("contiguous-max").useful_fraction,
+        "useful_fraction_contiguous_oracle": headline("contiguous-oracle").useful_fraction,
+        "saturated_pool_fraction_paged": headline("paged").saturated_pool_fraction,
+        "saturated_pool_fraction_contiguous": headline("contiguous-max").saturated_pool_fraction,
+        "saturated_pool_fraction_contiguous_oracle": headline(
+            "contiguous-oracle").saturated_pool_fraction,
         **{f"sched_ms_per_step_{c['num_running']}": c["median_ms"] for c in costs},
         "memory_sizes": [asdict(r) for r in memory_sizes],
         "block_sizes": [asdict(r) for r in block_sizes],
