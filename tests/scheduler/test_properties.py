@@ -89,11 +89,7 @@ def test_random_streams_keep_invariants_and_match_reference(workload):
 def test_random_aborts_between_schedule_and_update_return_every_block(workload, data):
     """Abort random requests at random points (also between schedule() and update())."""
     specs, sched, cache = workload
-    scheduler = Scheduler(sched, cache)
-    for spec in specs:
-        scheduler.add_request(Request(spec.request_id, list(spec.prompt), spec.params,
-                                      eos_token_id=spec.eos, priority=spec.priority,
-                                      cache_salt=spec.cache_salt))
+    scheduler = _scheduler_with(specs, sched, cache)
     ids = [spec.request_id for spec in specs]
     for _step in range(200):
         if not scheduler.has_unfinished():
@@ -110,12 +106,7 @@ def test_random_aborts_between_schedule_and_update_return_every_block(workload, 
         check_step(scheduler, out)
     for request_id in ids:
         scheduler.abort_request(request_id)
-    assert not scheduler.has_unfinished() and scheduler.children == {}
-    assert scheduler.running == [] and len(scheduler.waiting) == 0 and not scheduler.swapped
-    assert scheduler.kv.num_free_blocks == cache.num_gpu_blocks
-    if scheduler.kv.cpu_pool is not None:
-        assert scheduler.kv.cpu_pool.num_free_blocks == cache.num_cpu_blocks
-    scheduler.kv.check_invariants()
+    _assert_everything_returned(scheduler, cache)
 
 
 @SETTINGS
@@ -127,11 +118,7 @@ def test_random_pause_finish_and_abort_around_update_lose_nothing(workload, data
     from pagedserve.scheduler.request import FinishReason
 
     specs, sched, cache = workload
-    scheduler = Scheduler(sched, cache)
-    for spec in specs:
-        scheduler.add_request(Request(spec.request_id, list(spec.prompt), spec.params,
-                                      eos_token_id=spec.eos, priority=spec.priority,
-                                      cache_salt=spec.cache_salt))
+    scheduler = _scheduler_with(specs, sched, cache)
     for _step in range(300):
         if not scheduler.has_unfinished():
             break
@@ -157,6 +144,19 @@ def test_random_pause_finish_and_abort_around_update_lose_nothing(workload, data
     scheduler.resume_paused()
     for request_id in sorted(scheduler.requests):
         scheduler.abort_request(request_id)
+    _assert_everything_returned(scheduler, cache)
+
+
+def _scheduler_with(specs, sched, cache) -> Scheduler:
+    scheduler = Scheduler(sched, cache)
+    for spec in specs:
+        scheduler.add_request(Request(spec.request_id, list(spec.prompt), spec.params,
+                                      eos_token_id=spec.eos, priority=spec.priority,
+                                      cache_salt=spec.cache_salt))
+    return scheduler
+
+
+def _assert_everything_returned(scheduler: Scheduler, cache: CacheConfig) -> None:
     assert not scheduler.has_unfinished() and scheduler.children == {}
     assert not scheduler.paused and not scheduler._fork_pending
     assert scheduler.running == [] and len(scheduler.waiting) == 0 and not scheduler.swapped
