@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.scheduler.config import VALID_BLOCK_SIZES, ConfigError, check_field
+from pagedserve.scheduler.config import (
+    SCHEDULING_POLICIES,
+    VALID_BLOCK_SIZES,
+    ConfigError,
+    check_field,
+)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,8 +26,7 @@ class EngineConfig:
     tokenizer: str | None = None
     """Tokenizer directory (default: the model directory)."""
     dtype: str = "auto"
-    """Weights and activations: 'auto' (checkpoint's dtype; float32 on CPU), float32, float16,
-    bfloat16."""
+    """'auto' (the checkpoint's; float32 on CPU), 'float32', 'float16' or 'bfloat16'."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     load_format: str = "auto"
@@ -40,8 +44,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory for weights, activations and KV cache, in (0, 1]."""
     kv_cache_memory_gib: float | None = None
-    """KV pool size in GiB per rank; sets the pool on CPU (default 0.25), overrides profiling on
-    GPU."""
+    """KV pool GiB per rank: the pool on CPU (default 0.25); overrides profiling on GPU."""
     num_gpu_blocks_override: int | None = None
     """Exact number of KV blocks (tests, benchmarks); overrides the memory-based sizing."""
     swap_space_gib: float = 0.0
@@ -49,7 +52,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     """Most sequences per step."""
     max_num_batched_tokens: int | None = None
-    """Token budget per step; default max(2048, max_model_len) with chunked prefill."""
+    """Token budget per step; default max(2048, max_model_len)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps within the token budget."""
     enable_prefix_caching: bool = True
@@ -84,6 +87,15 @@ class EngineConfig:
             value = getattr(self, name)
             check_field(owner, name, value is None or (isinstance(value, int) and value >= 1),
                         "None or an integer >= 1", value)
+        check_field(owner, "scheduling_policy", self.scheduling_policy in SCHEDULING_POLICIES,
+                    f"one of {SCHEDULING_POLICIES}", self.scheduling_policy)
+        check_field(owner, "seed", isinstance(self.seed, int) and not isinstance(self.seed, bool),
+                    "an integer", self.seed)
+        check_field(owner, "max_model_len", self.max_model_len is None
+                    or self.max_model_len >= 2, "None or an integer >= 2", self.max_model_len)
+        for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager"):
+            check_field(owner, name, isinstance(getattr(self, name), bool), "True or False",
+                        getattr(self, name))
         check_field(owner, "max_num_seqs", isinstance(self.max_num_seqs, int)
                     and self.max_num_seqs >= 1, "an integer >= 1", self.max_num_seqs)
         check_field(owner, "max_graph_batch_size", isinstance(self.max_graph_batch_size, int)

@@ -63,8 +63,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
     output_kind: str = "cumulative"
-    """What `LLMEngine.step` reports for this request: 'cumulative' (everything so far, each
-    step), 'delta' (only what is new since the last report; for streaming) or 'final_only'."""
+    """step() reports: 'cumulative' (all so far), 'delta' (only new; streaming), 'final_only'."""
     extra_stop_token_ids: list[int] = field(default_factory=list, repr=False)
     """Filled by the engine (e.g. a chat template's end-of-turn ids); not user facing."""
 
@@ -92,7 +91,7 @@ class SamplingParams:
         )
         _require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         _require(
-            isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
+            _is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),
             "top_k", "-1, 0 (disabled) or a positive integer", self.top_k,
         )
         if self.top_k == -1:
@@ -112,13 +111,13 @@ class SamplingParams:
                          "keyed by token ids >= 0", token_id)
                 _require(_is_number(bias) and -100 <= bias <= 100, "logit_bias",
                          "valued in [-100, 100]", bias)
-        _require(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None",
+        _require(self.seed is None or _is_int(self.seed), "seed", "an integer or None",
                  self.seed)
         _require(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens", "an integer >= 1 or None", self.max_tokens,
         )
-        _require(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
                  "an integer >= 0", self.min_tokens)
         if self.max_tokens is not None:
             _require(self.min_tokens <= self.max_tokens, "min_tokens",
@@ -136,13 +135,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _require(
-                value is None or (isinstance(value, int) and 0 <= value <= self.MAX_LOGPROBS),
+                value is None or (_is_int(value) and 0 <= value <= self.MAX_LOGPROBS),
                 name, f"None or an integer in [0, {self.MAX_LOGPROBS}]", value,
             )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
     def all_stop_token_ids(self) -> set[int]:
         """Stop token ids set by the user and by the engine."""
@@ -171,7 +166,11 @@ class BeamSearchParams:
     """Final score = cumulative logprob / length ** length_penalty."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width",
+        _require(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width",
                  "an integer >= 1", self.beam_width, "BeamSearchParams")
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                  "an integer >= 1", self.max_tokens, "BeamSearchParams")
+        _require(isinstance(self.ignore_eos, bool), "ignore_eos", "True or False",
+                 self.ignore_eos, "BeamSearchParams")
+        _require(_is_number(self.length_penalty) and math.isfinite(self.length_penalty),
+                 "length_penalty", "a finite number", self.length_penalty, "BeamSearchParams")

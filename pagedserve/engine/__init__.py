@@ -1,1 +1,1 @@
-"""The in-process engine: step loop, detokenization, beam search, outputs, default model."""
+"""The engine: step loop, executors, detokenization, beam search, outputs, default model."""

@@ -1,6 +1,7 @@
-"""In-process engine: tokenizer, scheduler, model runner and detokenizer around one step loop.
+"""The engine: tokenizer, scheduler and detokenizer around one step loop; the model ranks run
+behind an executor (in this process, or as Ray actors for tensor parallelism).
 
-The coordinator actor of the cluster runs this same loop; `pagedserve.LLM` drives it offline.
+`pagedserve.LLM` drives it offline; the cluster's coordinator actor is meant to run this loop.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class EngineStepError(RuntimeError):
 
 
 class LLMEngine:
-    """One model replica on this process: add requests, call step() until done."""
+    """One model replica driven from this process: add requests, call step() until done."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -158,8 +159,10 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or min(max_positions, 8192)
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, model_dir)
         budget = config.max_num_batched_tokens or max(2048, self.max_model_len)
-        if not config.enable_chunked_prefill:
-            budget = max(budget, self.max_model_len)
+        if not config.enable_chunked_prefill and budget < self.max_model_len:
+            raise ValueError(f"EngineConfig.max_num_batched_tokens must be >= max_model_len "
+                             f"({self.max_model_len}) when enable_chunked_prefill is False, got "
+                             f"{budget}")
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=budget, max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,

@@ -29,7 +29,7 @@ def _check_block_mapping(block_mapping: torch.Tensor) -> None:
             f"block_mapping must be [n, 2] (src, dst) pairs, got {tuple(block_mapping.shape)}"
         )
     if block_mapping.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"block_mapping must be int64, got {block_mapping.dtype}")
+        raise TypeError(f"block_mapping must be int64 (or int32), got {block_mapping.dtype}")
 
 
 def _check_blocks_contiguous(name: str, cache: torch.Tensor) -> None:

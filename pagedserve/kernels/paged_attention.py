@@ -97,7 +97,7 @@ def _validate_args(
         )
     if block_tables.dim() != 2 or block_tables.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            "block_tables must be int32 [num_seqs, max_blocks_per_seq], got "
+            "block_tables must be int32 (or int64) [num_seqs, max_blocks_per_seq], got "
             f"{block_tables.dtype} {tuple(block_tables.shape)}"
         )
     num_seqs = block_tables.shape[0]
@@ -106,12 +106,12 @@ def _validate_args(
         torch.int64,
     ):
         raise ValueError(
-            f"query_start_loc must be int32 [num_seqs + 1 = {num_seqs + 1}], got "
+            f"query_start_loc must be int32 (or int64) [num_seqs + 1 = {num_seqs + 1}], got "
             f"{query_start_loc.dtype} {tuple(query_start_loc.shape)}"
         )
     if seq_lens.shape != (num_seqs,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"seq_lens must be int32 [num_seqs = {num_seqs}], got {seq_lens.dtype} "
+            f"seq_lens must be int32 (or int64) [num_seqs = {num_seqs}], got {seq_lens.dtype} "
             f"{tuple(seq_lens.shape)}"
         )
     if max_query_len < 0 or max_seq_len < 0:

@@ -77,12 +77,6 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def token_id(self, index: int) -> int:
-        num_prompt = len(self.prompt_token_ids)
-        if index < num_prompt:
-            return self.prompt_token_ids[index]
-        return self.output_token_ids[index - num_prompt]
-
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""
         num_prompt = len(self.prompt_token_ids)

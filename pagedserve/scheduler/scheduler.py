@@ -189,7 +189,7 @@ class Scheduler:
             return request.num_prompt_tokens - 1
         return request.num_tokens
 
-    def _chunk(self, request: Request, num_new: int, budget: int) -> int:
+    def _chunk(self, num_new: int, budget: int) -> int:
         threshold = self.config.long_prefill_token_threshold
         if threshold and num_new > 1 and self.config.enable_chunked_prefill:
             num_new = min(num_new, threshold)
@@ -210,7 +210,7 @@ class Scheduler:
         while (index < len(self.running) and budget > 0
                and len(out.scheduled) < self.config.max_num_seqs):
             request = self.running[index]
-            num_new = self._chunk(request, self._target_tokens(request)
+            num_new = self._chunk(self._target_tokens(request)
                                   - request.num_computed_tokens, budget)
             if num_new <= 0:
                 index += 1
@@ -272,7 +272,7 @@ class Scheduler:
     def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.swapped[0]
-            num_new = self._chunk(request, self._target_tokens(request)
+            num_new = self._chunk(self._target_tokens(request)
                                   - request.num_computed_tokens, budget)
             needed = self.kv.num_blocks_for(request.num_computed_tokens + num_new)
             if needed + self._watermark() > self.kv.num_free_blocks:
@@ -303,7 +303,7 @@ class Scheduler:
             watermark = self._watermark()
             if not self.admission_policy(blocks_for_prompt, self.kv.num_free_blocks, watermark):
                 break
-            num_new = self._chunk(request, remaining, budget)
+            num_new = self._chunk(remaining, budget)
             update = self.kv.allocate_slots(request, num_new, cached, reserve=watermark)
             if update is None:
                 break

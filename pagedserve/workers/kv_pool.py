@@ -54,14 +54,3 @@ def allocate_kv_cache_for_config(config: Any, num_blocks: int, block_size: int,
                              local_kv_heads(config, tp_size), head_dim_of(config), dtype, device)
 
 
-def available_kv_cache_bytes(device: torch.device | str, memory_utilization: float = 0.9,
-                             reserve_bytes: int = 0) -> int:
-    """Bytes left for the KV pool on a CUDA device: `memory_utilization` x total, minus what is
-    in use now (weights, other processes, PyTorch's cached blocks) and `reserve_bytes` headroom.
-
-    Call after loading the model and running one warm-up forward at the largest batch: the
-    caching allocator keeps that forward's activation memory reserved, so it counts as in use.
-    """
-    free, total = torch.cuda.mem_get_info(device)
-    in_use = total - free
-    return max(0, int(total * memory_utilization) - in_use - reserve_bytes)

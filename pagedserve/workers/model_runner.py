@@ -7,7 +7,6 @@ moves (swap out, swap in, copy-on-write) run before the forward, in that order.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,6 @@ from pagedserve.workers.sampler import LogprobsTensors, compute_prompt_logprobs,
 from pagedserve.workers.sampling_batch import SamplingBatch, SamplingRequest
 from pagedserve.workers.step_result import StepResult, TokenLogprobs
 
-logger = logging.getLogger(__name__)
 
 @dataclass
 class _RequestState:

@@ -40,7 +40,8 @@ def profile_kv_cache_bytes(model: torch.nn.Module, hf_config: Any, dtype: torch.
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     weights = torch.cuda.memory_allocated(device)
-    # One real block per sequence is enough: every slot is -1, so nothing is written.
+    # One block in all is enough: every table points at it and every slot is -1, so the
+    # profile step reads it but never writes.
     caches = allocate_kv_cache_for_config(hf_config, 1, block_size, dtype, device, tp_size)
     runner = ModelRunner(model, caches, block_size, max_num_batched_tokens)
     runner.execute(_profile_step(max_num_batched_tokens, min(max_num_seqs,

@@ -10,7 +10,6 @@ rank joins the process group.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -21,12 +20,9 @@ from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_b
 from pagedserve.workers.loader import load_config, load_model, resolve_dtype
 from pagedserve.workers.model_runner import ModelRunner
 from pagedserve.workers.parallel import init_tensor_parallel
-from pagedserve.workers.profiling import profile_kv_cache_bytes
+from pagedserve.workers.profiling import GIB, profile_kv_cache_bytes
 from pagedserve.workers.step_result import StepResult
 
-logger = logging.getLogger(__name__)
-
-GIB = 1 << 30
 DEFAULT_CPU_KV_GIB = 0.25
 
 

@@ -176,3 +176,37 @@ def test_logit_bias_and_stop_token_ids_take_effect(llm):
 def test_swap_space_smaller_than_one_block_names_swap_space(checkpoint):
     with pytest.raises(ValueError, match="swap_space_gib"):
         make_llm(checkpoint("llama"), num_gpu_blocks_override=64, swap_space_gib=1e-12)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"scheduling_policy": "lifo"}, r"EngineConfig.scheduling_policy must be one of "
+                                    r"\('fcfs', 'priority'\), got 'lifo'"),
+    ({"seed": "x"}, "EngineConfig.seed must be an integer, got 'x'"),
+    ({"max_model_len": 1}, "EngineConfig.max_model_len must be None or an integer >= 2, got 1"),
+    ({"enforce_eager": "no"}, "EngineConfig.enforce_eager must be True or False, got 'no'"),
+    ({"enable_prefix_caching": 1}, "EngineConfig.enable_prefix_caching must be True or False"),
+])
+def test_engine_config_names_the_bad_field(kwargs, message):
+    from pagedserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_a_token_budget_below_max_model_len_without_chunking_is_refused(checkpoint):
+    with pytest.raises(ValueError, match=r"EngineConfig.max_num_batched_tokens must be >= "
+                                         r"max_model_len \(64\) when enable_chunked_prefill is "
+                                         r"False, got 32"):
+        make_llm(checkpoint("llama"), max_model_len=64, max_num_batched_tokens=32,
+                 enable_chunked_prefill=False)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"length_penalty": float("nan")}, "BeamSearchParams.length_penalty must be a finite number"),
+    ({"ignore_eos": "yes"}, "BeamSearchParams.ignore_eos must be True or False, got 'yes'"),
+    ({"beam_width": True}, "BeamSearchParams.beam_width must be an integer >= 1, got True"),
+])
+def test_beam_search_params_name_the_bad_field(kwargs, message):
+
+    with pytest.raises(ValueError, match=message):
+        BeamSearchParams(**kwargs)
