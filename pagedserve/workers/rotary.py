@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.kernels.rotary import apply_rotary
+from pagedserve.kernels.rotary import apply_rotary, apply_rotary_reference
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -76,22 +76,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1)
                              .float(), persistent=False)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated (q, k) for q [T, heads, head_dim] and k [T, kv_heads, head_dim].
+        """Rotated (q, k) for q [T, heads, head_dim] and k [T, kv_heads, head_dim], IN PLACE.
 
-        In fp32, rounded once to the input dtype. On CUDA a fused Triton kernel rotates q and k
-        IN PLACE (they may be views of the fused qkv output; no copies); on CPU new tensors are
-        returned. Either way callers use the returned tensors and not q/k afterwards.
+        In fp32, rounded once to the input dtype. q and k may be views of the fused qkv output
+        (no copies): a fused Triton kernel on CUDA, its torch reference on CPU.
         """
         if q.is_cuda:
             return apply_rotary(positions, q, k, self.cos_sin_cache)
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(-2).chunk(2, dim=-1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return apply_rotary_reference(positions, q, k, self.cos_sin_cache)
 
 
 def rotary_for_config(config: Any, head_dim: int) -> RotaryEmbedding:
