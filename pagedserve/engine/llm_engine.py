@@ -426,7 +426,7 @@ class LLMEngine:
         completion.finish_reason = request.finish_reason.value
         completion.stop_reason = request.stop_reason
         tracked.num_finished += 1
-        if tracked.num_finished == len(tracked.outputs):
+        if tracked.finished:
             tracked.metrics.finished_time = now
         changed[tracked.request_id] = tracked
 
