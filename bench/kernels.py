@@ -112,37 +112,25 @@ class PagedProblem:
         gathered = cache[blocks].flatten(1, 2)[:, : self.ctx]  # [batch, ctx, kv_heads, dim]
         return gathered.transpose(1, 2).contiguous()
 
-    def kv_bytes(self) -> int:
-        _, num_kv_heads, head_dim = self.heads
-        return 2 * self.batch * self.ctx * num_kv_heads * head_dim * DTYPE.itemsize
+    def _inputs(self, index) -> tuple[tuple, dict]:
+        """Arguments of paged_attention and of its reference for input set `index`."""
+        args = (
+            self.queries[index],
+            self.key_cache,
+            self.value_cache,
+            self.block_tables[index],
+            self.query_start_loc,
+            self.seq_lens,
+        )
+        return args, dict(scale=self.scale, max_query_len=self.q_len, max_seq_len=self.ctx)
 
     def paged(self, index, config=None):
-        return paged_attention(
-            self.queries[index],
-            self.key_cache,
-            self.value_cache,
-            self.block_tables[index],
-            self.query_start_loc,
-            self.seq_lens,
-            scale=self.scale,
-            max_query_len=self.q_len,
-            max_seq_len=self.ctx,
-            out=self.out,
-            config=config,
-        )
+        args, kwargs = self._inputs(index)
+        return paged_attention(*args, **kwargs, out=self.out, config=config)
 
     def reference(self, index):
-        return paged_attention_reference(
-            self.queries[index],
-            self.key_cache,
-            self.value_cache,
-            self.block_tables[index],
-            self.query_start_loc,
-            self.seq_lens,
-            scale=self.scale,
-            max_query_len=self.q_len,
-            max_seq_len=self.ctx,
-        )
+        args, kwargs = self._inputs(index)
+        return paged_attention_reference(*args, **kwargs)
 
     def sdpa_query(self, index):
         num_q_heads, _, head_dim = self.heads
@@ -236,6 +224,11 @@ def time_flex(problem, quick):
     return time_rotating(run, problem.sets, quick)
 
 
+def decode_kv_bytes(heads, batch: int, ctx: int) -> int:
+    """K and V bytes one decode call reads: every context token of every KV head."""
+    return 2 * batch * ctx * heads[1] * heads[2] * DTYPE.itemsize
+
+
 def sets_for(kv_bytes: int) -> int:
     """Input sets to rotate through: at least two, so back-to-back calls never read the same K/V,
     and enough that one round touches ``L2_FLUSH_BYTES``."""
@@ -273,7 +266,7 @@ def check_correctness(results):
 
 def _tune_decode_point(results, name, batch, ctx):
     heads = HEAD_SHAPES[name]
-    kv_bytes = 2 * batch * ctx * heads[1] * heads[2] * DTYPE.itemsize
+    kv_bytes = decode_kv_bytes(heads, batch, ctx)
     problem = PagedProblem(heads, batch, ctx, 1, 16, sets_for(kv_bytes), with_dense=False)
     floor_ms = kv_bytes / results["copy_bandwidth"] * 1e3
     default = select_config(
@@ -338,7 +331,7 @@ def _tune_prefill(results, name):
 
 def _decode_point(results, name, block_size, batch, ctx, flex_points, quick):
     heads = HEAD_SHAPES[name]
-    kv_bytes = 2 * batch * ctx * heads[1] * heads[2] * DTYPE.itemsize
+    kv_bytes = decode_kv_bytes(heads, batch, ctx)
     problem = PagedProblem(heads, batch, ctx, 1, block_size, sets_for(kv_bytes))
     row = dict(
         shape=name,
