@@ -78,14 +78,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated (q, k) for q [T, heads, head_dim] and k [T, kv_heads, head_dim], IN PLACE.
+        """Rotated (q, k) for q [T, heads, head_dim] and k [T, kv_heads, head_dim].
 
-        In fp32, rounded once to the input dtype. q and k may be views of the fused qkv output
-        (no copies): a fused Triton kernel on CUDA, its torch reference on CPU.
+        In fp32, rounded once to the input dtype. On CUDA a fused Triton kernel rotates q and k
+        IN PLACE (they may be views of the fused qkv output; no copies); on CPU new tensors are
+        returned. Either way callers use the returned tensors and not q/k afterwards.
         """
         if q.is_cuda:
             return apply_rotary(positions, q, k, self.cos_sin_cache)
-        return apply_rotary_reference(positions, q, k, self.cos_sin_cache)
+        return apply_rotary_reference(positions, q.clone(), k.clone(), self.cos_sin_cache)
 
 
 def rotary_for_config(config: Any, head_dim: int) -> RotaryEmbedding:
