@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pagedserve.kernels.activation import silu_and_mul  # noqa: E402
 from pagedserve.kernels.rms_norm import rms_norm  # noqa: E402
 from pagedserve.kernels.rotary import apply_rotary  # noqa: E402
-from pagedserve.workers.activation import SiluAndMul  # noqa: E402
-from pagedserve.workers.norm import RMSNorm  # noqa: E402
-from pagedserve.workers.rotary import RotaryEmbedding  # noqa: E402
+from pagedserve.workers.layers.activation import SiluAndMul  # noqa: E402
+from pagedserve.workers.layers.norm import RMSNorm  # noqa: E402
+from pagedserve.workers.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DTYPE = torch.bfloat16
 HIDDEN, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336  # Llama-3-8B

@@ -26,27 +26,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.throughput import fixed_workload  # noqa: E402
 from pagedserve import LLM, SamplingParams  # noqa: E402
-from pagedserve.workers.loader import llama_8b_config  # noqa: E402
+from pagedserve.engine.core import EngineCoreRequest  # noqa: E402
+from pagedserve.workers.models.loader import llama_8b_config  # noqa: E402
 
 
 def timed_steps(llm: LLM, prompts, outputs) -> dict:
     engine = llm.engine
+    core = engine.core  # token ids only: no detokenization in the timed loop
     for index, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
-        engine.add_request(f"p{index}", prompt, SamplingParams(temperature=0.0, max_tokens=output,
-                                                               ignore_eos=True))
+        core.add_request(EngineCoreRequest(f"p{index}", prompt, SamplingParams(
+            temperature=0.0, max_tokens=output, ignore_eos=True)))
     phases = defaultdict(lambda: defaultdict(list))
     start = time.perf_counter()
-    while engine.has_unfinished_requests():
+    while core.has_unfinished_requests():
         t0 = time.perf_counter()
-        step = engine.scheduler.schedule()
+        step = core.schedule()
         t1 = time.perf_counter()
-        result = engine.executor.execute(step)
+        result = core.executor.execute(step)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        emitted = engine.scheduler.update(step, result.sampled)
-        for request in emitted:
-            if request.status.is_finished:
-                engine._tracked.pop(request.request_id, None)
+        core.complete(step, result)
         t3 = time.perf_counter()
         kind = "decode" if all(item.num_tokens == 1 for item in step.scheduled) else "prefill"
         phases[kind]["schedule_ms"].append((t1 - t0) * 1e3)

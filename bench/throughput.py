@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pagedserve import LLM, SamplingParams  # noqa: E402
-from pagedserve.workers.loader import llama_8b_config, llama_70b_config  # noqa: E402
+from pagedserve.workers.models.loader import llama_8b_config, llama_70b_config  # noqa: E402
 
 logger = logging.getLogger("bench.throughput")
 

@@ -63,6 +63,8 @@ class EngineConfig:
     """Disable CUDA graphs for decode steps."""
     max_graph_batch_size: int = 256
     """Largest decode batch captured as a CUDA graph."""
+    step_timeout_s: float = 300.0
+    """A rank that takes longer than this for one step is declared failed (> 0 seconds)."""
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
@@ -98,6 +100,10 @@ class EngineConfig:
                         getattr(self, name))
         check_field(owner, "max_num_seqs", isinstance(self.max_num_seqs, int)
                     and self.max_num_seqs >= 1, "an integer >= 1", self.max_num_seqs)
+        check_field(owner, "step_timeout_s", isinstance(self.step_timeout_s, int | float)
+                    and not isinstance(self.step_timeout_s, bool) and self.step_timeout_s > 0
+                    and self.step_timeout_s != float("inf"), "a finite number > 0",
+                    self.step_timeout_s)
         check_field(owner, "max_graph_batch_size", isinstance(self.max_graph_batch_size, int)
                     and self.max_graph_batch_size >= 1, "an integer >= 1",
                     self.max_graph_batch_size)

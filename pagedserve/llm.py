@@ -9,34 +9,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedserve.cluster.placement import executor_for
 from pagedserve.config import EngineConfig
-from pagedserve.engine.beam_search import BeamSearchOutput, run_beam_search
+from pagedserve.engine.beam_search import BeamSearchOutput
+from pagedserve.engine.default_model import ensure_default_model
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
+from pagedserve.engine.processor import Prompt, normalize_prompts
+from pagedserve.errors import InvalidArgument
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
-
-Prompt = str | list[int] | dict[str, Any]
-
-
-def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
-    if isinstance(prompts, str | dict) or (
-        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-    ):
-        prompts = [prompts]
-    normalized = []
-    for index, prompt in enumerate(prompts):
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError(f"prompts[{index}] must have 'prompt' or 'prompt_token_ids'")
-        if not isinstance(prompt, str | list):
-            raise TypeError(f"prompts[{index}] must be a string, a list of token ids or a dict, "
-                            f"got {type(prompt).__name__}")
-        normalized.append(prompt)
-    return normalized
+from pagedserve.workers.models.loader import check_tp_size, load_config
 
 
 class LLM:
@@ -48,7 +30,11 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        config = EngineConfig(model=model, **engine_args)
+        config = dataclasses.replace(config, model=str(config.model or ensure_default_model()))
+        # Checked here, before any worker (or Ray) starts for a model it cannot split.
+        check_tp_size(load_config(config.model), config.tensor_parallel_size)
+        self.engine = LLMEngine(config, executor_for(config, config.model))
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
@@ -68,16 +54,16 @@ class LLM:
                  use_tqdm: bool = True, priority: Sequence[int] | None = None
                  ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order."""
-        prompts = _normalize_prompts(prompts)
+        prompts = normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} "
+                raise InvalidArgument(f"got {len(params_list)} sampling_params for {len(prompts)} "
                                  "prompts; pass one, or one per prompt")
         if priority is not None and len(priority) != len(prompts):
-            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+            raise InvalidArgument(f"got {len(priority)} priorities for {len(prompts)} prompts")
         engine = self.engine
         # Only final outputs are returned: the engine then copies nothing for running requests.
         final_only = {id(p): dataclasses.replace(p, output_kind="final_only")
@@ -123,6 +109,21 @@ class LLM:
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],
                     params: BeamSearchParams) -> list[BeamSearchOutput]:
-        """Beam search per prompt; beams share KV blocks through fork and copy-on-write."""
-        return run_beam_search(self.engine, _normalize_prompts(prompts), params,
-                               f"beam-{next(self._ids)}")
+        """Beam search per prompt; beams share KV blocks through fork and copy-on-write, and
+        all prompts' beams run in the same steps."""
+        engine = self.engine
+        prompt_token_ids = [engine.processor.prompt_token_ids(p)
+                            for p in normalize_prompts(prompts)]
+        ids = []
+        try:
+            for token_ids in prompt_token_ids:
+                request_id = f"beam-{next(self._ids)}"
+                engine.add_request(request_id, token_ids, params)
+                ids.append(request_id)
+            while any(request_id not in engine.beam_outputs for request_id in ids):
+                engine.step()
+            return [engine.beam_outputs.pop(request_id) for request_id in ids]
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedserve.workers.step_result import TokenLogprobs
+from pagedserve.scheduler.output import TokenLogprobs
 
 
 @dataclass

@@ -5,7 +5,7 @@ Why a kernel: torch runs it as a silu pass (read gate, write a temporary) and a 
 pass reads gate and up once and writes the output once: 3 * T * I elements of traffic instead
 of 5, and no temporary.
 
-Numerics follow ``pagedserve.workers.activation.SiluAndMul`` run by torch: ``silu(gate)`` is
+Numerics follow ``pagedserve.workers.layers.activation.SiluAndMul`` run by torch: ``silu(gate)`` is
 computed in fp32 and rounded to the input dtype, then multiplied by ``up`` in fp32 and rounded
 again (torch's two ops each round their result). Keeping that intermediate rounding makes the
 kernel a drop-in replacement; for fp32 inputs it changes nothing. ``silu(x) = x / (1 + exp(-x))``;

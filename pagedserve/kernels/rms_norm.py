@@ -6,7 +6,7 @@ HBM at prefill sizes. Here one program owns one row of ``hidden`` elements, keep
 registers, and touches HBM once: read ``x`` (and ``residual``), write ``out`` (and the new
 residual). That is the bandwidth floor of the op.
 
-Numerics follow the Hugging Face / ``pagedserve.workers.norm.RMSNorm`` order exactly:
+Numerics follow the Hugging Face / ``pagedserve.workers.layers.norm.RMSNorm`` order exactly:
 
 1. with a residual: ``h = x + residual`` rounded to the input dtype (torch adds in fp32 and
    rounds; so do we);

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is outside its valid range; the message names the field."""
+from pagedserve.errors import ConfigError
+from pagedserve.validation import check_field as check_valid
 
 
 def check_field(owner: str, name: str, ok: bool, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{owner}.{name} must be {rule}, got {value!r}")
+    """`validation.check_field` raising ConfigError (configs have their own class)."""
+    check_valid(owner, name, ok, rule, value, ConfigError)
 
 
 VALID_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections import deque
 
+from pagedserve.errors import AlreadyExists
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import CacheConfig, ConfigError, SchedulerConfig
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager, TableUpdate
@@ -64,6 +65,10 @@ class Scheduler:
         self._forgotten: list[str] = []
         self._dropped: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        """Prompt tokens looked up in the prefix cache at admission (cumulative)."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens found cached (cumulative)."""
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -71,15 +76,20 @@ class Scheduler:
         """Queue a request; one with n > 1 is split into n sequences after its shared prefill."""
         if not isinstance(request.request_id, str) or not request.request_id:
             raise ValueError(f"request id must be a non-empty string, got {request.request_id!r}")
+        if "/" in request.request_id:
+            raise ValueError(f"request id {request.request_id!r} must not contain '/' (reserved "
+                             "for the sequences of requests with n > 1)")
+        self.add_sequence(request)
+
+    def add_sequence(self, request: Request) -> None:
+        """Queue a sequence whose id its owner derived from a request id ('<id>/...': beams);
+        add_request is the same with the id checked to be a user's."""
         if not isinstance(request.priority, int) or isinstance(request.priority, bool):
             raise ValueError(f"priority must be an integer, got {request.priority!r}")
         if request.cache_salt is not None and not isinstance(request.cache_salt, str):
             raise ValueError(f"cache_salt must be a string or None, got {request.cache_salt!r}")
-        if "/" in request.request_id:
-            raise ValueError(f"request id {request.request_id!r} must not contain '/' (reserved "
-                             "for the sequences of requests with n > 1)")
         if request.request_id in self.requests or request.request_id in self.children:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise AlreadyExists(f"request id {request.request_id!r} is already in use")
         max_len = self.config.max_model_len
         if request.num_prompt_tokens >= max_len:
             raise ValueError(f"prompt has {request.num_prompt_tokens} tokens; it must be shorter "
@@ -128,6 +138,12 @@ class Scheduler:
         """Put every paused request back among the running ones."""
         self.running.extend(self.paused.values())
         self.paused.clear()
+
+    def resume(self, request_id: str) -> None:
+        """Put one paused request back among the running ones (no-op if it is not paused)."""
+        request = self.paused.pop(request_id, None)
+        if request is not None:
+            self.running.append(request)
 
     def _remove_from_queues(self, request: Request) -> None:
         status = request.status
@@ -292,7 +308,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
             cached = []
-            if request.num_computed_tokens == 0 and request.request_id not in self.kv.block_tables:
+            looked_up = request.num_computed_tokens == 0 \
+                and request.request_id not in self.kv.block_tables
+            if looked_up:
                 cached = self.kv.find_cached_prefix(request)
             target = self._target_tokens(request)
             cached = cached[:max(target, 0) // block_size]
@@ -308,6 +326,9 @@ class Scheduler:
             if update is None:
                 break
             self.waiting.pop()
+            if looked_up and self.kv.enable_prefix_caching:
+                self.prefix_cache_queries += request.num_prompt_tokens
+                self.prefix_cache_hits += len(cached) * block_size
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = len(cached) * block_size
             request.num_computed_tokens += len(cached) * block_size

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from pagedserve.scheduler.output import SchedulerOutput
-from pagedserve.workers.attention import AttentionMetadata, KVCache
+from pagedserve.workers.layers.attention import AttentionMetadata, KVCache
 
 logger = logging.getLogger(__name__)
 

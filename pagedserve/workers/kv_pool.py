@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from pagedserve.workers.attention import KVCache
-from pagedserve.workers.model import head_dim_of, num_kv_heads_of
-from pagedserve.workers.parallel import divide_exactly
+from pagedserve.workers.layers.attention import KVCache
+from pagedserve.workers.layers.parallel import divide_exactly
+from pagedserve.workers.models.llama import head_dim_of, num_kv_heads_of
 
 
 def local_kv_heads(config: Any, tp_size: int = 1) -> int:

@@ -18,12 +18,11 @@ from pagedserve.kernels.block_ops import (
     swap_blocks_reference,
 )
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.output import SchedulerOutput
-from pagedserve.workers.attention import AttentionMetadata, KVCache
+from pagedserve.scheduler.output import SchedulerOutput, StepResult, TokenLogprobs
 from pagedserve.workers.cuda_graphs import DecodeGraphs
+from pagedserve.workers.layers.attention import AttentionMetadata, KVCache
 from pagedserve.workers.sampler import LogprobsTensors, compute_prompt_logprobs, sample
 from pagedserve.workers.sampling_batch import SamplingBatch, SamplingRequest
-from pagedserve.workers.step_result import StepResult, TokenLogprobs
 
 
 @dataclass

@@ -2,26 +2,32 @@
 
 Every rank holds the same block ids for its own KV heads, so one scheduler and one set of block
 tables serve them all: each step every rank receives the same `SchedulerOutput`, runs its shard
-(row-parallel outputs are all-reduced), and rank 0 samples. The engine drives ranks through an
-executor (`pagedserve.engine.executor`): in-process for one rank, Ray actors otherwise. A worker
+(row-parallel outputs are all-reduced), and rank 0 samples. The engine core drives ranks through an
+executor (`pagedserve.executor`): in-process for one rank, Ray actors otherwise. A worker
 is built in two phases so that an executor can ask rank 0 for a rendezvous address before any
 rank joins the process group.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
 from pagedserve.config import EngineConfig
-from pagedserve.scheduler.output import SchedulerOutput
+from pagedserve.scheduler.output import SchedulerOutput, StepResult
 from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
-from pagedserve.workers.loader import load_config, load_model, resolve_dtype
+from pagedserve.workers.layers.parallel import init_tensor_parallel
 from pagedserve.workers.model_runner import ModelRunner
-from pagedserve.workers.parallel import init_tensor_parallel
+from pagedserve.workers.models.loader import (
+    eos_token_ids,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from pagedserve.workers.profiling import GIB, profile_kv_cache_bytes
-from pagedserve.workers.step_result import StepResult
 
 DEFAULT_CPU_KV_GIB = 0.25
 
@@ -95,6 +101,19 @@ class Worker:
             seed=config.seed,
         )
         self.model.eval()
+
+    def describe(self) -> dict[str, Any]:
+        """What the engine core needs to know of this rank's model, as plain data."""
+        return {
+            "vocab_size": self.hf_config.vocab_size,
+            "max_position_embeddings": getattr(self.hf_config, "max_position_embeddings", 8192),
+            "block_bytes": self.block_bytes,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type,
+            "eos_token_ids": eos_token_ids(
+                self.hf_config, load_tokenizer(self.config.tokenizer or self.model_dir),
+                self.model_dir),
+        }
 
     def num_gpu_blocks(self, max_num_batched_tokens: int) -> int:
         """KV blocks this rank can hold (profiled on GPU; configured size on CPU)."""
@@ -171,8 +190,13 @@ class Worker:
         return self.runner is not None and self.runner.graphs is not None
 
     def execute(self, step: SchedulerOutput) -> StepResult:
-        """Run one scheduler step on this rank (the result is meaningful on rank 0 only)."""
-        return self.runner.execute(step)
+        """Run one scheduler step on this rank (the result is meaningful on rank 0 only); the
+        result carries the step's wall time on this rank, so callers can tell their dispatch
+        overhead from the model's time."""
+        start = time.perf_counter()
+        result = self.runner.execute(step)
+        result.execute_seconds = time.perf_counter() - start
+        return result
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagedserve.workers.kv_pool import bytes_per_block
-from pagedserve.workers.loader import load_config
+from pagedserve.workers.models.loader import load_config
 from tests.engine.engine_utils import (
     MAX_TOKENS,
     StepSpy,

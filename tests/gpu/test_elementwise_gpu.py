@@ -9,7 +9,7 @@ import torch
 from pagedserve.kernels.activation import silu_and_mul, silu_and_mul_reference
 from pagedserve.kernels.rms_norm import rms_norm, rms_norm_reference
 from pagedserve.kernels.rotary import apply_rotary, apply_rotary_reference
-from pagedserve.workers.rotary import RotaryEmbedding
+from pagedserve.workers.layers.rotary import RotaryEmbedding
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,8 +10,8 @@ import random
 
 import torch
 
-from pagedserve.workers.attention import AttentionMetadata
 from pagedserve.workers.kv_pool import allocate_kv_cache_for_config
+from pagedserve.workers.layers.attention import AttentionMetadata
 
 
 class PagedRunner:

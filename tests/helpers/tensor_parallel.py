@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pagedserve.workers.loader import load_model
-from pagedserve.workers.parallel import init_tensor_parallel
+from pagedserve.workers.layers.parallel import init_tensor_parallel
+from pagedserve.workers.models.loader import load_model
 from tests.helpers.paged_runner import PagedRunner
 
 Steps = list[list[tuple[str, list[int]]]]

@@ -14,9 +14,9 @@ import torch
 from pagedserve.kernels.activation import silu_and_mul, silu_and_mul_reference
 from pagedserve.kernels.rms_norm import rms_norm, rms_norm_reference
 from pagedserve.kernels.rotary import apply_rotary, apply_rotary_reference
-from pagedserve.workers.activation import SiluAndMul
-from pagedserve.workers.norm import RMSNorm
-from pagedserve.workers.rotary import RotaryEmbedding
+from pagedserve.workers.layers.activation import SiluAndMul
+from pagedserve.workers.layers.norm import RMSNorm
+from pagedserve.workers.layers.rotary import RotaryEmbedding
 
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.workers.loader import llama_8b_config, load_model
+from pagedserve.workers.models.loader import llama_8b_config, load_model
 from pagedserve.workers.sampler import sample
 from pagedserve.workers.sampling_batch import SamplingBatch
 from tests.helpers.paged_runner import PagedRunner

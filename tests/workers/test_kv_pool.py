@@ -10,7 +10,7 @@ from pagedserve.workers.kv_pool import (
     bytes_per_block,
     num_blocks_for_budget,
 )
-from pagedserve.workers.loader import llama_8b_config, llama_70b_config
+from pagedserve.workers.models.loader import llama_8b_config, llama_70b_config
 from tests.helpers.tiny_models import tiny_config
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from pagedserve.workers.norm import RMSNorm
-from pagedserve.workers.rotary import (
+from pagedserve.workers.layers.norm import RMSNorm
+from pagedserve.workers.layers.rotary import (
     RotaryEmbedding,
     rope_config,
     rotary_for_config,

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pagedserve.workers.loader import (
+from pagedserve.workers.layers.weight_utils import WeightShapeError
+from pagedserve.workers.models.loader import (
     llama_8b_config,
     llama_70b_config,
     load_model,
     resolve_dtype,
 )
-from pagedserve.workers.weight_utils import WeightShapeError
 from tests.helpers.tiny_models import save_tiny_checkpoint, tiny_config
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.workers.loader import load_model
-from pagedserve.workers.model import MODEL_REGISTRY, model_class_for
+from pagedserve.workers.models.llama import MODEL_REGISTRY, model_class_for
+from pagedserve.workers.models.loader import load_model
 from tests.helpers.paged_runner import PagedRunner
 from tests.helpers.tiny_models import TINY_VARIANTS, hf_reference_logits, tiny_config
 

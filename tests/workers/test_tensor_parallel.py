@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.workers.loader import load_model
+from pagedserve.workers.models.loader import load_model
 from tests.helpers.paged_runner import PagedRunner
 from tests.helpers.tensor_parallel import run_tensor_parallel
 from tests.helpers.tiny_models import save_tiny_checkpoint

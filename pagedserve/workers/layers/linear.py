@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.workers.parallel import TensorParallelGroup, divide_exactly, valid_tp_sizes
-from pagedserve.workers.weight_utils import LoadedWeight, check_shape, read_all, read_range
+from pagedserve.workers.layers.parallel import TensorParallelGroup, divide_exactly, valid_tp_sizes
+from pagedserve.workers.layers.weight_utils import LoadedWeight, check_shape, read_all, read_range
 
 _SINGLE_RANK = TensorParallelGroup()
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.kernels.rms_norm import rms_norm
-from pagedserve.workers.weight_utils import default_weight_loader
+from pagedserve.workers.layers.weight_utils import default_weight_loader
 
 
 class RMSNorm(nn.Module):

@@ -16,17 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.workers.activation import SiluAndMul
-from pagedserve.workers.attention import Attention, AttentionMetadata, KVCache
-from pagedserve.workers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedserve.workers.linear import (
+from pagedserve.workers.layers.activation import SiluAndMul
+from pagedserve.workers.layers.attention import Attention, AttentionMetadata, KVCache
+from pagedserve.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedserve.workers.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagedserve.workers.norm import RMSNorm
-from pagedserve.workers.parallel import TensorParallelGroup
-from pagedserve.workers.rotary import RotaryEmbedding, rotary_for_config
+from pagedserve.workers.layers.norm import RMSNorm
+from pagedserve.workers.layers.parallel import TensorParallelGroup
+from pagedserve.workers.layers.rotary import RotaryEmbedding, rotary_for_config
 
 
 def head_dim_of(config: Any) -> int:

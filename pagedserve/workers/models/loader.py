@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
-from pagedserve.workers.model import LlamaForCausalLM, model_class_for, num_kv_heads_of
-from pagedserve.workers.parallel import TensorParallelGroup, valid_tp_sizes
-from pagedserve.workers.weight_utils import WeightShapeError, default_weight_loader
+from pagedserve.workers.layers.parallel import TensorParallelGroup, valid_tp_sizes
+from pagedserve.workers.layers.weight_utils import WeightShapeError, default_weight_loader
+from pagedserve.workers.models.llama import LlamaForCausalLM, model_class_for, num_kv_heads_of
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +240,35 @@ def llama_70b_config() -> LlamaConfig:
     """Llama 3 70B shapes (for dummy-weight benchmarks)."""
     return _llama3_config(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
                           num_key_value_heads=8, intermediate_size=28672)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The checkpoint's tokenizer (local files only), or None with a warning when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        # The message, not the exception: a log record keeps its args, and the exception's
+        # traceback would keep the caller (and its GPU workers) alive.
+        logger.warning("no tokenizer in %s (%s); only token-id prompts work", path, str(error))
+        return None
+
+
+def eos_token_ids(hf_config: Any, tokenizer: Any, model_dir: str | os.PathLike) -> list[int]:
+    """EOS ids from config.json, then generation_config.json (instruct models often list their
+    end-of-turn token only there, e.g. Llama 3's <|eot_id|>), then the tokenizer."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_eos = GenerationConfig.from_pretrained(
+            model_dir, local_files_only=True).eos_token_id
+    except OSError:
+        generation_eos = None
+    ids: list[int] = []
+    for eos in (getattr(hf_config, "eos_token_id", None), generation_eos,
+                None if tokenizer is None else tokenizer.eos_token_id):
+        for token_id in eos if isinstance(eos, list | tuple) else [eos]:
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+    return ids

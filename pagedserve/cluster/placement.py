@@ -1,0 +1,106 @@
+"""Ray start-up and the placement of one replica's tensor-parallel ranks.
+
+A replica's ranks share one node (STRICT_PACK: their all-reduces need NVLink-class links); each
+rank is one bundle (a GPU and a CPU on GPU nodes, a CPU otherwise). `executor_for` builds the
+executor a configuration asks for: one rank in this process, or Ray actors in a new placement
+group.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pagedserve.config import EngineConfig
+from pagedserve.errors import InvalidArgument, ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def ensure_ray(num_cpus: int | None = None) -> Any:
+    """The `ray` module with a connection: the cluster RAY_ADDRESS names, else a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, num_cpus=num_cpus)
+    return ray
+
+
+def resolve_device(device: str, use_ray: bool) -> str:
+    """'auto' -> 'cuda' when GPUs are there (in the Ray cluster, or visible to this process)."""
+    if device != "auto":
+        if device == "cuda" and not use_ray:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InvalidArgument("EngineConfig.device='cuda' but no CUDA device is "
+                                      "visible; use 'cpu'")
+        return device
+    if use_ray:
+        return "cuda" if ensure_ray().cluster_resources().get("GPU", 0) > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def uses_ray(config: EngineConfig) -> bool:
+    """Whether `config` runs its ranks as Ray actors ('auto': when TP > 1)."""
+    backend = config.distributed_executor_backend
+    if backend == "local" and config.tensor_parallel_size != 1:
+        raise InvalidArgument(
+            "EngineConfig.distributed_executor_backend='local' runs one rank; "
+            f"tensor_parallel_size={config.tensor_parallel_size} needs 'ray' (or 'auto')")
+    return backend == "ray" or (backend == "auto" and config.tensor_parallel_size > 1)
+
+
+class ReplicaPlacement:
+    """A STRICT_PACK placement group with one bundle per rank, ready when constructed."""
+
+    def __init__(self, size: int, device_type: str,
+                 timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+        ray = ensure_ray()
+        from ray.util.placement_group import placement_group
+
+        self._ray = ray
+        resource = "GPU" if device_type == "cuda" else "CPU"
+        available = ray.cluster_resources().get(resource, 0)
+        if available < size:
+            raise InvalidArgument(
+                f"EngineConfig.tensor_parallel_size={size} needs {size} {resource}s in the Ray "
+                f"cluster, which has {available:g}; lower tensor_parallel_size or add nodes")
+        bundle = {"GPU": 1, "CPU": 1} if device_type == "cuda" else {"CPU": 1}
+        self.group = placement_group([bundle] * size, strategy="STRICT_PACK")
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
+        if not ready:
+            self.release()
+            raise ResourceExhausted(
+                f"EngineConfig.tensor_parallel_size={size}: no single Ray node has {size} free "
+                f"{resource}s (waited {timeout_s:.0f} s); tensor-parallel ranks must share a "
+                "node")
+
+    def strategy(self, rank: int) -> Any:
+        """The scheduling strategy that puts rank `rank` on its bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank)
+
+    def release(self) -> None:
+        if self.group is not None and self._ray.is_initialized():
+            self._ray.util.remove_placement_group(self.group)
+        self.group = None
+
+
+def executor_for(config: EngineConfig, model_dir: str):
+    """The executor `config` asks for, with its ranks loaded; and the device type they use."""
+    use_ray = uses_ray(config)
+    device_type = resolve_device(config.device, use_ray)
+    if not use_ray:
+        from pagedserve.executor.local import LocalExecutor
+
+        return LocalExecutor(config, model_dir, device_type)
+    from pagedserve.executor.ray import RayExecutor
+
+    placement = ReplicaPlacement(config.tensor_parallel_size, device_type)
+    return RayExecutor(config, model_dir, device_type, placement)

@@ -1,0 +1,69 @@
+"""Error classes, one per gRPC status code, raised by validation, the engine core and the
+cluster. The gateway maps them by class (`grpc_status`) and never parses messages; each message
+says what was wrong and what to do instead.
+
+They also subclass the builtin a Python caller expects (ValueError for bad input, RuntimeError
+for a failed engine), so offline code can keep catching those.
+"""
+
+from __future__ import annotations
+
+
+class PagedServeError(Exception):
+    """Base of every error pagedserve raises on purpose."""
+
+    grpc_status = "INTERNAL"
+
+
+class InvalidArgument(PagedServeError, ValueError):
+    """A request or configuration value is outside its valid range; the message names it."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class ConfigError(InvalidArgument):
+    """A configuration value is outside its valid range; the message names the field."""
+
+
+class InvalidType(InvalidArgument, TypeError):
+    """An argument has the wrong type; the message names the argument and the types accepted."""
+
+
+class AlreadyExists(InvalidArgument):
+    """A request id is already in use."""
+
+    grpc_status = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(PagedServeError, RuntimeError):
+    """The system is full for now (a queue, the KV cache); retrying later can succeed."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PagedServeError, RuntimeError):
+    """The engine cannot serve (stopped, draining, or its workers are gone)."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class Unsupported(PagedServeError, NotImplementedError):
+    """A feature this model or configuration does not have."""
+
+    grpc_status = "UNIMPLEMENTED"
+
+
+class WorkerFailure(Unavailable):
+    """A worker rank failed, died or stopped answering; its replica runs no further steps."""
+
+
+class DeadlineExceeded(PagedServeError, TimeoutError):
+    """An operation ran past its time limit."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class Internal(PagedServeError, RuntimeError):
+    """A bug or an unexpected failure inside pagedserve."""
+
+    grpc_status = "INTERNAL"

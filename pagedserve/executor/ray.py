@@ -1,0 +1,146 @@
+"""One Ray actor per tensor-parallel rank, in the placement group its replica was given.
+
+The ranks meet in a torch.distributed group (NCCL on GPU, gloo on CPU) and every step is one
+broadcast: the same `SchedulerOutput` goes to all ranks and rank 0's `StepResult` comes back.
+The actor body builds its `Worker` inside the actor process, so the caller (the coordinator
+actor, or the offline `LLM`) never imports torch. A rank that raises or dies fails the step at
+once; one that outlives `EngineConfig.step_timeout_s` fails it then; either way every rank is
+stopped (ranks still inside a collective would wait forever for the lost one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+from pagedserve.config import EngineConfig
+from pagedserve.errors import WorkerFailure
+from pagedserve.scheduler.output import SchedulerOutput, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+class RankActor:
+    """The body of one rank's Ray actor: a `Worker` made inside the actor process."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, device_type: str, rank: int,
+                 world_size: int) -> None:
+        from pagedserve.workers.worker import Worker
+
+        self.worker = Worker(config, model_dir, device_type, rank, world_size)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.worker, method)(*args)
+
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        return self.worker.execute(step)
+
+
+class RayExecutor:
+    """The ranks of one replica as Ray actors, one per bundle of `placement`.
+
+    `placement` (a `cluster.placement.ReplicaPlacement`) is owned from here on: it is released
+    with the actors on shutdown, on failure, or when the executor is collected.
+    """
+
+    def __init__(self, config: EngineConfig, model_dir: str, device_type: str,
+                 placement: Any) -> None:
+        import ray
+
+        self._ray = ray
+        self.step_timeout_s = config.step_timeout_s
+        self.failure: str | None = None
+        self.workers: list = []
+        size = config.tensor_parallel_size
+        # Actors and the placement group go when the executor is collected, even without an
+        # explicit shutdown(); otherwise a dropped engine would hold its GPUs until exit.
+        self._finalizer = weakref.finalize(self, _release, ray, self.workers, placement)
+        try:
+            actor = ray.remote(RankActor)
+            self.workers.extend(
+                actor.options(num_cpus=1, num_gpus=1 if device_type == "cuda" else 0,
+                              scheduling_strategy=placement.strategy(rank),
+                              ).remote(config, model_dir, device_type, rank, size)
+                for rank in range(size))
+            rendezvous = None
+            if size > 1:
+                rendezvous = self._get([self.workers[0].call.remote("open_rendezvous")],
+                                       timeout=None)[0]
+            self._get([w.call.remote("load", rendezvous) for w in self.workers], timeout=None)
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("%d Ray worker ranks ready (%s)", size, device_type)
+
+    # ---- calls to every rank ----------------------------------------------------------------
+
+    def collective(self, method: str, *args: Any) -> list[Any]:
+        self._check_alive()
+        return self._get([w.call.remote(method, *args) for w in self.workers], timeout=None)
+
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        self._check_alive()
+        return self._get([w.execute.remote(step) for w in self.workers],
+                         timeout=self.step_timeout_s)[0]
+
+    async def execute_async(self, step: SchedulerOutput) -> StepResult:
+        self._check_alive()
+        refs = [w.execute.remote(step) for w in self.workers]
+        futures = [asyncio.ensure_future(_as_future(ref)) for ref in refs]
+        done, pending = await asyncio.wait(futures, timeout=self.step_timeout_s,
+                                           return_when=asyncio.FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                for other in pending:
+                    other.cancel()
+                self._fail(future.exception())
+        if pending:
+            for other in pending:
+                other.cancel()
+            self._fail(TimeoutError(f"a step ran past step_timeout_s={self.step_timeout_s}"))
+        return futures[0].result()
+
+    def _get(self, refs: list, timeout: float | None) -> list[Any]:
+        """Results of `refs` in order; the first failure of any rank fails fast."""
+        ray = self._ray
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not done:
+                self._fail(TimeoutError(f"a step ran past step_timeout_s={timeout}"))
+            try:
+                ray.get(done[0])
+            except Exception as error:
+                self._fail(error)
+        return ray.get(refs)
+
+    def _fail(self, error: BaseException) -> None:
+        self.failure = f"{type(error).__name__}: {error}"
+        self._finalizer()
+        raise WorkerFailure(f"a tensor-parallel worker failed ({self.failure}); this replica's "
+                            "workers are stopped") from error
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise WorkerFailure(f"tensor-parallel workers are stopped after: {self.failure}")
+
+    def shutdown(self) -> None:
+        if self.failure is None:
+            self.failure = "shut down"
+        self._finalizer()
+
+
+async def _as_future(ref: Any) -> Any:
+    return await ref
+
+
+def _release(ray: Any, workers: list, placement: Any) -> None:
+    # After ray.shutdown() the actors are gone with the cluster, and any Ray call here would
+    # start a fresh cluster just to fail on handles from the old one.
+    if ray.is_initialized():
+        for worker in workers:
+            ray.kill(worker)
+        placement.release()
+    workers.clear()

@@ -1,0 +1,1 @@
+"""Tensor-parallel layers of the model zoo (linear, embedding, norm, rotary, attention)."""
