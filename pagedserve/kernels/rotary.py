@@ -1,11 +1,11 @@
 """Rotary position embedding (rotate-half / GPT-NeoX layout), applied in place to q and k.
 
-Why a kernel: the torch version (``pagedserve.workers.layers.rotary``) gathers the cos|sin
-rows, upcasts q and k, splits, multiplies, concatenates and downcasts: about ten passes over q
-and k, plus two fresh output tensors. Here each program loads one token's cos|sin row once and rotates a block of
-that token's heads in registers, so q and k are read once and written once, in place. In place
-also means the rotated q and k stay in the fused qkv projection output they are views of: no new
-allocation, and ``write_kv`` can read k straight from there.
+Why a kernel: the torch version (``pagedserve.workers.layers.rotary``) gathers the cos|sin rows,
+upcasts q and k, splits, multiplies, concatenates and downcasts: about ten passes over q and k,
+plus two fresh output tensors. Here each program loads one token's cos|sin row once and rotates
+a block of that token's heads in registers, so q and k are read once and written once, in place.
+In place also means the rotated q and k stay in the fused qkv projection output they are views
+of: no new allocation, and ``write_kv`` can read k straight from there.
 
 Layout: ``cos_sin_cache`` is fp32 ``[max_position, head_dim]`` = ``cat(cos, sin)`` (each
 ``head_dim / 2`` wide), indexed by each token's absolute position. For a head ``x`` split into

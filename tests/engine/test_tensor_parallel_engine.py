@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from pagedserve.engine.llm_engine import EngineStepError
 from pagedserve.executor.local import LocalExecutor
 from pagedserve.executor.ray import RayExecutor
-from pagedserve.engine.llm_engine import EngineStepError
 from pagedserve.sampling_params import SamplingParams
 from tests.engine.engine_utils import (
     assert_no_leaks,
