@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pagedserve.scheduler.config import (
@@ -10,11 +11,18 @@ from pagedserve.scheduler.config import (
     ConfigError,
     check_field,
 )
+from pagedserve.validation import is_finite_number, is_int
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 EXECUTOR_BACKENDS = ("auto", "local", "ray")
+STEP_DISPATCHES = ("compiled_graph", "actor_call")
+# The seed makes torch.Generator seeds (of sampling, and seed * 1_000_003 + rank for dummy
+# weights), which must fit in 64 bits.
+MAX_ENGINE_SEED = 2**32 - 1
+# More intra-op threads than any machine has cores only adds thread start-up and barriers.
+MAX_CPU_THREADS = 1024
 
 
 @dataclass
@@ -32,7 +40,7 @@ class EngineConfig:
     load_format: str = "auto"
     """'auto' reads safetensors; 'dummy' makes random weights of the config's shapes."""
     seed: int = 0
-    """Seed of unseeded sampling and of dummy weights."""
+    """Seed of unseeded sampling and of dummy weights, in [0, 2**32 - 1]."""
     tensor_parallel_size: int = 1
     """GPUs (ranks) one replica is split over; must divide the attention and KV heads."""
     distributed_executor_backend: str = "auto"
@@ -48,7 +56,7 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     """Exact number of KV blocks (tests, benchmarks); overrides the memory-based sizing."""
     swap_space_gib: float = 0.0
-    """CPU memory per rank for swapped-out blocks; > 0 enables preemption by swapping."""
+    """CPU memory GiB per rank for swapped-out blocks; > 0 enables preemption by swapping."""
     max_num_seqs: int = 256
     """Most sequences per step."""
     max_num_batched_tokens: int | None = None
@@ -63,50 +71,66 @@ class EngineConfig:
     """Disable CUDA graphs for decode steps."""
     max_graph_batch_size: int = 256
     """Largest decode batch captured as a CUDA graph."""
+    cpu_threads: int | None = None
+    """Torch threads of a CPU worker; None: OMP_NUM_THREADS, else half the cores (at most 4)."""
+    step_dispatch: str = "compiled_graph"
+    """How a step reaches Ray worker ranks: 'compiled_graph' (Ray Compiled Graph over shared
+    memory; measured fastest, see bench/coordinator.py) or 'actor_call' (one task per rank)."""
     step_timeout_s: float = 300.0
     """A rank that takes longer than this for one step is declared failed (> 0 seconds)."""
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
+        for name in ("model", "tokenizer"):
+            value = getattr(self, name)
+            check_field(owner, name, value is None or isinstance(value, str | os.PathLike),
+                        "None or a directory path", value)
         check_field(owner, "dtype", self.dtype in DTYPES, f"one of {DTYPES}", self.dtype)
         check_field(owner, "device", self.device in DEVICES, f"one of {DEVICES}", self.device)
         check_field(owner, "load_format", self.load_format in LOAD_FORMATS,
                     f"one of {LOAD_FORMATS}", self.load_format)
-        check_field(owner, "block_size", self.block_size in VALID_BLOCK_SIZES,
+        # is_int first: True == 1 and 16.0 == 16 would pass the membership test alone.
+        check_field(owner, "block_size",
+                    is_int(self.block_size) and self.block_size in VALID_BLOCK_SIZES,
                     f"one of {VALID_BLOCK_SIZES}", self.block_size)
         check_field(owner, "tensor_parallel_size",
-                    isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+                    is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
                     "an integer >= 1", self.tensor_parallel_size)
         check_field(owner, "distributed_executor_backend",
                     self.distributed_executor_backend in EXECUTOR_BACKENDS,
                     f"one of {EXECUTOR_BACKENDS}", self.distributed_executor_backend)
-        check_field(owner, "gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1,
-                    "in (0, 1]", self.gpu_memory_utilization)
-        for name in ("kv_cache_memory_gib", "swap_space_gib"):
-            value = getattr(self, name)
-            check_field(owner, name, value is None or value >= 0, ">= 0", value)
+        check_field(owner, "gpu_memory_utilization",
+                    is_finite_number(self.gpu_memory_utilization)
+                    and 0 < self.gpu_memory_utilization <= 1,
+                    "a number in (0, 1]", self.gpu_memory_utilization)
+        # Finite, or sizing the pools (int(gib * 2**30)) overflows later.
+        check_field(owner, "kv_cache_memory_gib", self.kv_cache_memory_gib is None
+                    or (is_finite_number(self.kv_cache_memory_gib)
+                        and self.kv_cache_memory_gib >= 0),
+                    "None or a finite number >= 0", self.kv_cache_memory_gib)
+        check_field(owner, "swap_space_gib",
+                    is_finite_number(self.swap_space_gib) and self.swap_space_gib >= 0,
+                    "a finite number >= 0", self.swap_space_gib)
         for name in ("num_gpu_blocks_override", "max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
-            check_field(owner, name, value is None or (isinstance(value, int) and value >= 1),
+            check_field(owner, name, value is None or (is_int(value) and value >= 1),
                         "None or an integer >= 1", value)
         check_field(owner, "scheduling_policy", self.scheduling_policy in SCHEDULING_POLICIES,
                     f"one of {SCHEDULING_POLICIES}", self.scheduling_policy)
-        check_field(owner, "seed", isinstance(self.seed, int) and not isinstance(self.seed, bool),
-                    "an integer", self.seed)
+        check_field(owner, "seed", is_int(self.seed), "an integer", self.seed)
+        check_field(owner, "seed", 0 <= self.seed <= MAX_ENGINE_SEED,
+                    f"in [0, {MAX_ENGINE_SEED}]", self.seed)
         check_field(owner, "max_model_len", self.max_model_len is None
                     or self.max_model_len >= 2, "None or an integer >= 2", self.max_model_len)
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager"):
             check_field(owner, name, isinstance(getattr(self, name), bool), "True or False",
                         getattr(self, name))
-        check_field(owner, "max_num_seqs", isinstance(self.max_num_seqs, int)
-                    and self.max_num_seqs >= 1, "an integer >= 1", self.max_num_seqs)
-        check_field(owner, "step_timeout_s", isinstance(self.step_timeout_s, int | float)
-                    and not isinstance(self.step_timeout_s, bool) and self.step_timeout_s > 0
-                    and self.step_timeout_s != float("inf"), "a finite number > 0",
-                    self.step_timeout_s)
-        check_field(owner, "max_graph_batch_size", isinstance(self.max_graph_batch_size, int)
-                    and self.max_graph_batch_size >= 1, "an integer >= 1",
-                    self.max_graph_batch_size)
+        for name in ("max_num_seqs", "max_graph_batch_size"):
+            value = getattr(self, name)
+            check_field(owner, name, is_int(value) and value >= 1, "an integer >= 1", value)
+        check_field(owner, "cpu_threads", self.cpu_threads is None
+                    or (is_int(self.cpu_threads) and 1 <= self.cpu_threads <= MAX_CPU_THREADS),
+                    f"None or an integer in [1, {MAX_CPU_THREADS}]", self.cpu_threads)
 
 
 __all__ = ["EngineConfig", "ConfigError"]

@@ -30,7 +30,7 @@ from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
 from pagedserve.scheduler.output import SchedulerOutput, StepResult, TokenLogprobs
 from pagedserve.scheduler.request import FinishReason, Request
-from pagedserve.scheduler.scheduler import Scheduler
+from pagedserve.scheduler.scheduler import Scheduler, child_request_id
 from pagedserve.validation import check_type, is_int
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,16 @@ class _Tracked:
     """Core-side state of one user request (all of its n sequences)."""
 
     num_sequences: int
-    num_finished: int = 0
+    finished: set[int] = field(default_factory=set)
+    """Indices of the sequences that ended (reported, or pending report)."""
+    cancelled: set[int] = field(default_factory=set)
+    """Sequences aborted before the request split into its n sequences: their sequence is
+    aborted as soon as the split makes it."""
     scheduled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == self.num_sequences
 
 
 def _split_sequence_id(sequence_id: str) -> tuple[str, int]:
@@ -324,18 +332,30 @@ class EngineCore:
         if request_id in self._tracked:
             del self._tracked[request_id]
             self.scheduler.abort_request(request_id)
+            self._pending = [u for u in self._pending if u.request_id != request_id]
             return
         parent_id, index = _split_sequence_id(request_id)
         tracked = self._tracked.get(parent_id)
-        if tracked is None or "/" not in request_id or request_id not in self.scheduler.requests:
+        if tracked is None or tracked.num_sequences == 1 or not 0 <= index < tracked.num_sequences \
+                or index in tracked.finished or str(index) != request_id.partition("/")[2]:
             return
-        self.scheduler.abort_request(request_id)
+        if request_id in self.scheduler.requests:
+            self.scheduler.abort_request(request_id)
+        else:
+            tracked.cancelled.add(index)
         self._pending.append(SequenceUpdate(parent_id, index, finish_reason="abort"))
-        self._count_finished(parent_id, tracked)
+        self._count_finished(parent_id, index)
 
-    def _count_finished(self, request_id: str, tracked: _Tracked) -> None:
-        tracked.num_finished += 1
-        if tracked.num_finished == tracked.num_sequences:
+    def abort_all(self) -> None:
+        """Abort every request (and its blocks); nothing more is reported for them."""
+        for request_id in [*self._tracked, *self._beams]:
+            self.abort_request(request_id)
+        self._pending = []
+
+    def _count_finished(self, request_id: str, index: int) -> None:
+        tracked = self._tracked[request_id]
+        tracked.finished.add(index)
+        if tracked.done:
             del self._tracked[request_id]
 
     def has_unfinished_requests(self) -> bool:
@@ -392,16 +412,11 @@ class EngineCore:
 
     def _abort_with_updates(self, request_id: str) -> list[SequenceUpdate]:
         tracked = self._tracked.get(request_id)
-        if tracked is None:
-            self.abort_request(request_id)
-            return []
-        live = {_split_sequence_id(sequence_id)[1] for sequence_id in self.scheduler.requests
-                if _split_sequence_id(sequence_id)[0] == request_id}
         self.abort_request(request_id)
-        if tracked.num_finished == 0 and not live:
-            live = set(range(tracked.num_sequences))
+        if tracked is None:
+            return []
         return [SequenceUpdate(request_id, index, finish_reason="abort")
-                for index in sorted(live)]
+                for index in range(tracked.num_sequences) if index not in tracked.finished]
 
     def complete(self, step: SchedulerOutput, result: StepResult,
                  started: float | None = None) -> EngineCoreOutputs:
@@ -432,6 +447,12 @@ class EngineCore:
             if request.status.is_finished:
                 self._finish_update(update, request)
             outputs.updates.append(update)
+        for request_id, tracked in self._tracked.items():
+            for index in list(tracked.cancelled):
+                sequence_id = child_request_id(request_id, index)
+                if sequence_id in scheduler.requests:  # the split made it just now
+                    scheduler.abort_request(sequence_id)
+                    tracked.cancelled.discard(index)
         for request_id, driver in list(self._beams.items()):
             done = driver.on_step(scheduler, result)
             if done is not None:
@@ -444,7 +465,7 @@ class EngineCore:
     def _finish_update(self, update: SequenceUpdate, request: Request) -> None:
         update.finish_reason = request.finish_reason.value
         update.stop_reason = request.stop_reason
-        self._count_finished(update.request_id, self._tracked[update.request_id])
+        self._count_finished(update.request_id, update.index)
 
     def _close(self, request: Request, into: list[SequenceUpdate]) -> None:
         """Report a sequence the scheduler finished without a new token."""
@@ -458,12 +479,11 @@ class EngineCore:
     def finish_sequence(self, sequence_id: str, stop_reason: str) -> None:
         """End one sequence for a stop string its frontend found: like an abort, but counted
         as finished by 'stop' (nothing more is reported for it)."""
-        request_id, _ = _split_sequence_id(sequence_id)
-        tracked = self._tracked.get(request_id)
-        if tracked is None or sequence_id not in self.scheduler.requests:
+        request_id, index = _split_sequence_id(sequence_id)
+        if request_id not in self._tracked or sequence_id not in self.scheduler.requests:
             return
         self.scheduler.finish_request(sequence_id, FinishReason.STOP, stop_reason)
-        self._count_finished(request_id, tracked)
+        self._count_finished(request_id, index)
 
     def stats(self, step: SchedulerOutput | None = None, result: StepResult | None = None,
               started: float | None = None) -> EngineStats:

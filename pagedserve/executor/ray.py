@@ -3,15 +3,23 @@
 The ranks meet in a torch.distributed group (NCCL on GPU, gloo on CPU) and every step is one
 broadcast: the same `SchedulerOutput` goes to all ranks and rank 0's `StepResult` comes back.
 The actor body builds its `Worker` inside the actor process, so the caller (the coordinator
-actor, or the offline `LLM`) never imports torch. A rank that raises or dies fails the step at
-once; one that outlives `EngineConfig.step_timeout_s` fails it then; either way every rank is
-stopped (ranks still inside a collective would wait forever for the lost one).
+actor, or the offline `LLM`) never imports torch.
+
+Steps go out one of two ways (`EngineConfig.step_dispatch`): a Ray Compiled Graph, whose ranks
+wait on shared-memory channels in a loop of their own (no task submission per step), or one
+actor task per rank. The graph is compiled at the first step and torn down before any other
+call to the ranks (a rank in a graph loop runs nothing else), then compiled again.
+
+A rank that raises or dies fails the step at once; one that outlives
+`EngineConfig.step_timeout_s` fails it then; either way every rank is stopped (ranks still
+inside a collective would wait forever for the lost one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import weakref
 from typing import Any
 
@@ -22,6 +30,16 @@ from pagedserve.scheduler.output import SchedulerOutput, StepResult
 logger = logging.getLogger(__name__)
 
 
+GIL_SWITCH_INTERVAL_S = 0.0002
+
+
+def shorten_gil_switch_interval() -> None:
+    """In a Ray actor, replies arrive on Ray's own threads and must take the GIL from the
+    thread doing the step's Python work; at Python's default 5 ms switch interval that
+    hand-over alone can cost a step milliseconds."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
 class RankActor:
     """The body of one rank's Ray actor: a `Worker` made inside the actor process."""
 
@@ -29,6 +47,7 @@ class RankActor:
                  world_size: int) -> None:
         from pagedserve.workers.worker import Worker
 
+        shorten_gil_switch_interval()
         self.worker = Worker(config, model_dir, device_type, rank, world_size)
 
     def call(self, method: str, *args: Any) -> Any:
@@ -51,12 +70,15 @@ class RayExecutor:
 
         self._ray = ray
         self.step_timeout_s = config.step_timeout_s
+        self.use_compiled_graph = config.step_dispatch == "compiled_graph"
         self.failure: str | None = None
         self.workers: list = []
+        self._graph: list = []  # [the compiled graph, whether it is asyncio] while one exists
         size = config.tensor_parallel_size
         # Actors and the placement group go when the executor is collected, even without an
         # explicit shutdown(); otherwise a dropped engine would hold its GPUs until exit.
-        self._finalizer = weakref.finalize(self, _release, ray, self.workers, placement)
+        self._finalizer = weakref.finalize(self, _release, ray, self.workers, placement,
+                                           self._graph)
         try:
             actor = ray.remote(RankActor)
             self.workers.extend(
@@ -78,15 +100,43 @@ class RayExecutor:
 
     def collective(self, method: str, *args: Any) -> list[Any]:
         self._check_alive()
+        _teardown(self._graph)
         return self._get([w.call.remote(method, *args) for w in self.workers], timeout=None)
+
+    def _compiled(self, asyncio_mode: bool) -> Any:
+        if self._graph and self._graph[1] != asyncio_mode:
+            _teardown(self._graph)
+        if not self._graph:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as step:
+                dag = MultiOutputNode([w.execute.bind(step) for w in self.workers])
+            self._graph.extend([dag.experimental_compile(enable_asyncio=asyncio_mode),
+                                asyncio_mode])
+        return self._graph[0]
 
     def execute(self, step: SchedulerOutput) -> StepResult:
         self._check_alive()
+        if self.use_compiled_graph:
+            try:
+                refs = self._compiled(asyncio_mode=False).execute(step)
+                return self._ray.get(refs, timeout=self.step_timeout_s)[0]
+            except Exception as error:
+                self._fail(error)
         return self._get([w.execute.remote(step) for w in self.workers],
                          timeout=self.step_timeout_s)[0]
 
     async def execute_async(self, step: SchedulerOutput) -> StepResult:
         self._check_alive()
+        if self.use_compiled_graph:
+            try:
+                futures = await self._compiled(asyncio_mode=True).execute_async(step)
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(_awaited(future) for future in futures)),
+                    self.step_timeout_s)
+                return results[0]
+            except Exception as error:
+                self._fail(error)
         refs = [w.execute.remote(step) for w in self.workers]
         futures = [asyncio.ensure_future(_as_future(ref)) for ref in refs]
         done, pending = await asyncio.wait(futures, timeout=self.step_timeout_s,
@@ -136,10 +186,25 @@ async def _as_future(ref: Any) -> Any:
     return await ref
 
 
-def _release(ray: Any, workers: list, placement: Any) -> None:
+async def _awaited(future: Any) -> Any:
+    return await future
+
+
+def _teardown(graph: list, kill_actors: bool = False) -> None:
+    if graph:
+        compiled = graph[0]
+        graph.clear()
+        try:
+            compiled.teardown(kill_actors=kill_actors)
+        except Exception as error:  # a dead rank's channels; the actors are killed next
+            logger.warning("compiled graph teardown: %s", error)
+
+
+def _release(ray: Any, workers: list, placement: Any, graph: list) -> None:
     # After ray.shutdown() the actors are gone with the cluster, and any Ray call here would
     # start a fresh cluster just to fail on handles from the old one.
     if ray.is_initialized():
+        _teardown(graph, kill_actors=True)  # a hung rank must not hold the teardown up
         for worker in workers:
             ray.kill(worker)
         placement.release()

@@ -327,7 +327,8 @@ class Scheduler:
                 break
             self.waiting.pop()
             if looked_up and self.kv.enable_prefix_caching:
-                self.prefix_cache_queries += request.num_prompt_tokens
+                # After a recompute preemption the lookup covers outputs too.
+                self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += len(cached) * block_size
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = len(cached) * block_size

@@ -1,0 +1,374 @@
+"""The coordinator: one replica's engine core inside a Ray actor, stepping while requests come.
+
+One coordinator per replica, on a CPU: it makes its replica's placement group and
+tensor-parallel worker actors, owns the block tables and the scheduler (the core), and runs an
+asyncio step loop: steps back to back while any request is in flight, asleep (no polling)
+when none is. `add_request` and `abort_request` arrive from many callers while it runs; they
+take effect between steps (a request aborted during a step is skipped when the step's tokens
+come back). Each request's updates stream out once per step: per request (`generate`), or for
+every request of one subscriber in one batch (`submit` + `stream`, what a gateway uses).
+
+It never imports torch: the ranks build their workers inside their own actor processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedserve.cluster.placement import ReplicaPlacement, ensure_ray, resolve_device
+from pagedserve.config import EngineConfig
+from pagedserve.engine.beam_search import BeamSearchOutput
+from pagedserve.engine.core import (
+    CoreStepError,
+    EngineCore,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+    SequenceUpdate,
+)
+from pagedserve.errors import InvalidArgument, PagedServeError, Unavailable, WorkerFailure
+from pagedserve.executor.ray import RayExecutor, shorten_gil_switch_interval
+from pagedserve.sampling_params import BeamSearchParams
+
+logger = logging.getLogger(__name__)
+
+StreamItem = list[SequenceUpdate] | BeamSearchOutput
+STEP_LOG_SIZE = 4096
+
+
+@dataclass
+class _Stream:
+    """Where one request's updates go: its own queue, or its subscriber's batch queue."""
+
+    num_sequences: int
+    queue: asyncio.Queue | None = None
+    subscriber: str | None = None
+    finished: set[int] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == self.num_sequences
+
+
+class _End:
+    """Queue sentinel: the stream is over (with an error, when `error` is set)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class Coordinator:
+    """The actor body; start it with `start_coordinator`. See the module docstring."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.model is None:
+            raise InvalidArgument("Coordinator needs EngineConfig.model (a checkpoint "
+                                  "directory on the cluster's nodes)")
+        shorten_gil_switch_interval()
+        device_type = resolve_device(config.device, use_ray=True)
+        placement = ReplicaPlacement(config.tensor_parallel_size, device_type)
+        executor = RayExecutor(config, config.model, device_type, placement)
+        try:
+            self.core = EngineCore(config, executor)
+        except BaseException:
+            executor.shutdown()
+            raise
+        self.config = config
+        self._streams: dict[str, _Stream] = {}
+        self._subscribers: dict[str, asyncio.Queue] = {}
+        self._streaming: set[str] = set()
+        self.recent_steps: deque[tuple[float, float, int]] = deque(maxlen=STEP_LOG_SIZE)
+        """(step seconds, rank 0's execute seconds, sequences in the step) of recent steps."""
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._accepting = True
+        self.failure: BaseException | None = None
+        self.num_steps = 0
+        self.last_stats = self.core.stats()
+
+    # ---- requests in ------------------------------------------------------------------------
+
+    def _start_loop(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+
+    def _check_serving(self) -> None:
+        if self.failure is not None:
+            raise Unavailable(f"this replica stopped serving after: {self.failure}")
+        if not self._accepting:
+            raise Unavailable("this replica is draining or shut down; send the request to "
+                              "another replica")
+
+    def _add(self, request: EngineCoreRequest, stream: _Stream) -> None:
+        self._check_serving()
+        self.core.add_request(request)
+        self._streams[request.request_id] = stream
+        self._start_loop()
+        self._wake.set()
+
+    @staticmethod
+    def _num_sequences(request: EngineCoreRequest) -> int:
+        return 1 if isinstance(request.params, BeamSearchParams) else request.params.n
+
+    async def generate(self, request: EngineCoreRequest) -> AsyncIterator[StreamItem]:
+        """Add a request and yield its updates once per step (a list of SequenceUpdate), or
+        for beam search its one BeamSearchOutput; raises when the replica fails."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._add(request, _Stream(self._num_sequences(request), queue=queue))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            # The caller went away (or the request ended): nothing may keep its blocks.
+            if request.request_id in self._streams:
+                self._abort(request.request_id)
+
+    async def submit(self, requests: list[EngineCoreRequest], subscriber: str) -> None:
+        """Add requests whose updates go to `stream(subscriber)`, batched per step. Every
+        request is checked before any is queued."""
+        self._subscriber_queue(subscriber)
+        added = []
+        try:
+            for request in requests:
+                self._add(request, _Stream(self._num_sequences(request),
+                                           subscriber=subscriber))
+                added.append(request.request_id)
+        except BaseException:
+            for request_id in added:
+                self._abort(request_id)
+            raise
+
+    async def stream(self, subscriber: str) -> AsyncIterator[list[tuple[str, StreamItem]]]:
+        """Per step, the (request id, updates) of every request of `subscriber` that changed;
+        an aborted or failed request ends with an update whose finish_reason is 'abort'."""
+        if subscriber in self._streaming:
+            raise InvalidArgument(f"subscriber {subscriber!r} is already streaming")
+        self._streaming.add(subscriber)
+        queue = self._subscriber_queue(subscriber)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            self._streaming.discard(subscriber)
+            del self._subscribers[subscriber]
+            for request_id, stream in list(self._streams.items()):
+                if stream.subscriber == subscriber:
+                    self._abort(request_id)
+
+    def _subscriber_queue(self, subscriber: str) -> asyncio.Queue:
+        """A subscriber's batch queue, made by its first submit or stream (either may come
+        first: they are separate calls)."""
+        queue = self._subscribers.get(subscriber)
+        if queue is None:
+            queue = self._subscribers[subscriber] = asyncio.Queue()
+        return queue
+
+    async def abort_request(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed at once and its stream ends with 'abort'."""
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        self.core.abort_request(request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        final = [SequenceUpdate(request_id, index, finish_reason="abort")
+                 for index in range(stream.num_sequences) if index not in stream.finished]
+        self._send(request_id, stream, final)
+        if stream.queue is not None:
+            stream.queue.put_nowait(_End())
+
+    # ---- the step loop ----------------------------------------------------------------------
+
+    async def _step_loop(self) -> None:
+        core = self.core
+        while self.failure is None:
+            if not core.has_unfinished_requests():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = time.perf_counter()
+            step = None
+            try:
+                step = core.schedule()
+                scheduled = time.perf_counter()
+                result = await core.executor.execute_async(step)
+                returned = time.perf_counter()
+                outputs = core.complete(step, result, started)
+            except Exception as error:
+                self._on_step_failure(step, error)
+                continue
+            self.num_steps += 1
+            self.last_stats = stats = outputs.stats
+            self.recent_steps.append((stats.step_seconds, stats.execute_seconds,
+                                      len(step.scheduled), scheduled - started,
+                                      returned - scheduled, time.perf_counter() - returned))
+            self._deliver(outputs)
+            # Let callers' add/abort run between steps even when the step did not yield.
+            await asyncio.sleep(0)
+
+    def _on_step_failure(self, step, error: Exception) -> None:
+        try:
+            if step is None:
+                raise error
+            self.core.fail_step(step, error)
+        except CoreStepError as failed:
+            cause = failed.__cause__
+            if isinstance(cause, WorkerFailure):
+                self._fail_everything(cause)
+                return
+            logger.exception("step failed; its requests were aborted")
+            self._deliver(EngineCoreOutputs(updates=failed.updates))
+        except PagedServeError as other:  # e.g. the KV cache cannot hold a waiting request
+            logger.error("step could not run: %s", other)
+            for request_id in list(self._streams):
+                self._fail_stream(request_id, other)
+            self.core.abort_all()
+
+    def _fail_everything(self, error: BaseException) -> None:
+        """The ranks are gone: every stream ends with the error; the replica is unhealthy."""
+        logger.error("replica failed: %s", error)
+        self.failure = error
+        for request_id in list(self._streams):
+            self._fail_stream(request_id, error)
+        for queue in self._subscribers.values():
+            queue.put_nowait(_End(error))
+
+    def _fail_stream(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id)
+        if stream.queue is not None:
+            stream.queue.put_nowait(_End(error))
+        else:
+            final = [SequenceUpdate(request_id, index, finish_reason="abort")
+                     for index in range(stream.num_sequences) if index not in stream.finished]
+            self._send(request_id, stream, final)
+
+    def _deliver(self, outputs: EngineCoreOutputs) -> None:
+        by_request: dict[str, list[SequenceUpdate]] = {}
+        for update in outputs.updates:
+            by_request.setdefault(update.request_id, []).append(update)
+        batches: dict[str, list[tuple[str, StreamItem]]] = {}
+        for request_id, updates in by_request.items():
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            for update in updates:
+                if update.finished:
+                    stream.finished.add(update.index)
+            self._send(request_id, stream, updates, batches)
+            if stream.done:
+                self._end(request_id, stream)
+        for beam_output in outputs.beam_outputs:
+            stream = self._streams.get(beam_output.request_id)
+            if stream is not None:
+                stream.finished.add(0)
+                self._send(beam_output.request_id, stream, beam_output, batches)
+                self._end(beam_output.request_id, stream)
+        for subscriber, batch in batches.items():
+            self._subscribers[subscriber].put_nowait(batch)
+
+    def _send(self, request_id: str, stream: _Stream, item: StreamItem,
+              batches: dict[str, list] | None = None) -> None:
+        if stream.queue is not None:
+            stream.queue.put_nowait(item)
+        elif stream.subscriber in self._subscribers:
+            if batches is None:
+                self._subscribers[stream.subscriber].put_nowait([(request_id, item)])
+            else:
+                batches.setdefault(stream.subscriber, []).append((request_id, item))
+
+    def _end(self, request_id: str, stream: _Stream) -> None:
+        del self._streams[request_id]
+        if stream.queue is not None:
+            stream.queue.put_nowait(_End())
+
+    # ---- state, drain, shutdown ---------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """Whether this replica serves, why not, and its latest stats."""
+        return {"healthy": self.failure is None and self._accepting,
+                "failure": None if self.failure is None else str(self.failure),
+                "num_requests": len(self._streams), "num_steps": self.num_steps}
+
+    async def step_log(self) -> list[tuple[float, float, int]]:
+        """`recent_steps`, oldest first."""
+        return list(self.recent_steps)
+
+    async def stats(self) -> EngineStats:
+        return self.core.stats() if self.failure is None else self.last_stats
+
+    async def model_info(self) -> dict[str, Any]:
+        core = self.core
+        return {"model": self.config.model, "max_model_len": core.max_model_len,
+                "vocab_size": core.vocab_size, "dtype": core.dtype, "device": core.device,
+                "block_size": core.block_size, "eos_token_ids": list(core.eos_token_ids),
+                "tensor_parallel_size": self.config.tensor_parallel_size,
+                "max_num_seqs": self.config.max_num_seqs,
+                "num_gpu_blocks": core.scheduler.kv.pool.num_blocks}
+
+    async def free_blocks(self) -> int:
+        """KV blocks not referenced by any request (tests check it returns to its start)."""
+        return self.core.scheduler.kv.pool.num_free_blocks
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Refuse new requests and wait until those in flight are done; True if they are."""
+        self._accepting = False
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._streams and self.failure is None:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return not self._streams
+
+    async def shutdown(self) -> None:
+        """End every stream (Unavailable), stop the loop and the worker actors."""
+        self._accepting = False
+        error = Unavailable("the replica shut down; retry on another replica")
+        for request_id in list(self._streams):
+            self.core.abort_request(request_id)
+            self._fail_stream(request_id, error)
+        for queue in self._subscribers.values():
+            queue.put_nowait(_End(error))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.core.shutdown()
+
+
+def start_coordinator(config: EngineConfig, name: str | None = None,
+                      num_cpus: float = 1.0) -> Any:
+    """A coordinator actor for `config` (Ray started or joined first), ready to take requests.
+    Stop it with `stop_coordinator`."""
+    ray = ensure_ray()
+    options: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": 10_000}
+    if name is not None:
+        options["name"] = name
+    handle = ray.remote(Coordinator).options(**options).remote(config)
+    ray.get(handle.health.remote())  # surfaces a failed start-up (bad config, no GPUs) here
+    return handle
+
+
+def stop_coordinator(handle: Any, timeout_s: float = 30.0) -> None:
+    """Shut the coordinator down (its workers and placement group go with it), then the actor."""
+    import ray
+
+    try:
+        ray.get(handle.shutdown.remote(), timeout=timeout_s)
+    finally:
+        ray.kill(handle)
