@@ -234,6 +234,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-floor", action="store_true",
+                        help="leave out the ceilings run (bandwidth and matmul rate)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
                                                        "coordinator.json"))
@@ -245,13 +247,15 @@ def main() -> None:
         return
     report = {"args": vars(args), "variants": {}, "workloads": ["fixed"]
               + ([] if args.skip_sharegpt else ["sharegpt"])}
-    names = args.variants.split(",") + (["ceilings"] if args.device == "cuda" else [])
+    names = args.variants.split(",") + (["ceilings"] if args.device == "cuda"
+                                        and not args.skip_floor else [])
     for name in names:
         with tempfile.NamedTemporaryFile(suffix=".json") as part:
             command = [sys.executable, __file__, *sys.argv[1:], "--child", name,
                        "--child-json", part.name]
             subprocess.run(command, check=True)
             result = json.loads(Path(part.name).read_text())
+        print(f"{name}: {json.dumps(result)}", flush=True)  # kept if a later variant fails
         if name == "ceilings":
             report["ceilings"] = result
         else:

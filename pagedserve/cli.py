@@ -1,4 +1,8 @@
-"""Command line: `pagedserve generate` runs offline generation (default: the embedded model)."""
+"""Command line: `pagedserve generate` runs offline generation (default: the embedded model).
+
+A user error (a bad value, a missing model directory) prints one line and exits with status 2;
+anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,11 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
+
+from pagedserve.errors import Internal, PagedServeError
+
+USER_ERROR_STATUS = 2  # what argparse exits with for a bad command line
 
 DEFAULT_PROMPTS = [
     "PagedAttention stores the KV cache in fixed-size blocks,",
@@ -17,12 +26,20 @@ DEFAULT_PROMPTS = [
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pagedserve import LLM, SamplingParams
+    from pagedserve.sampling_params import SamplingParams
 
+    # Checked before the engine is imported (seconds of torch start-up) or built.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, n=args.n)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model!r} is not a directory; give a Hugging Face "
+                                "checkpoint directory, or leave --model out for the embedded "
+                                "model")
+    from pagedserve.llm import LLM
+
     with LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
-             tensor_parallel_size=args.tensor_parallel_size) as llm:
+             tensor_parallel_size=args.tensor_parallel_size,
+             cpu_threads=args.cpu_threads) as llm:
         prompts = args.prompt or DEFAULT_PROMPTS
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
@@ -58,14 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                      help="ranks (GPUs) to split the model over; > 1 runs Ray worker actors")
+    gen.add_argument("--cpu-threads", type=int, default=None,
+                     help="torch threads of a CPU worker (default: OMP_NUM_THREADS, else half "
+                          "the cores, at most 4)")
     gen.add_argument("--json", default=None, help="write outputs here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _generate(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Internal:
+        raise  # a bug inside pagedserve: its traceback is what a report needs
+    except (PagedServeError, FileNotFoundError, ValueError) as error:
+        message = " ".join(str(error).splitlines())
+        print(f"pagedserve: error: {message}", file=sys.stderr)
+        return USER_ERROR_STATUS
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class EngineConfig:
     max_graph_batch_size: int = 256
     """Largest decode batch captured as a CUDA graph."""
     cpu_threads: int | None = None
-    """Torch threads of a CPU worker; None: OMP_NUM_THREADS, else half the cores (at most 4)."""
+    """Torch threads per worker (CPU default: OMP_NUM_THREADS, else half the cores, at most 4)."""
     step_dispatch: str = "compiled_graph"
     """How a step reaches Ray worker ranks: 'compiled_graph' (Ray Compiled Graph over shared
     memory; measured fastest, see bench/coordinator.py) or 'actor_call' (one task per rank)."""
@@ -131,6 +131,12 @@ class EngineConfig:
         check_field(owner, "cpu_threads", self.cpu_threads is None
                     or (is_int(self.cpu_threads) and 1 <= self.cpu_threads <= MAX_CPU_THREADS),
                     f"None or an integer in [1, {MAX_CPU_THREADS}]", self.cpu_threads)
+        check_field(owner, "step_dispatch", self.step_dispatch in STEP_DISPATCHES,
+                    f"one of {STEP_DISPATCHES}", self.step_dispatch)
+        # Finite: Ray converts the timeout to integer milliseconds.
+        check_field(owner, "step_timeout_s",
+                    is_finite_number(self.step_timeout_s) and self.step_timeout_s > 0,
+                    "a finite number > 0", self.step_timeout_s)
 
 
 __all__ = ["EngineConfig", "ConfigError"]

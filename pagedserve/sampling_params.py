@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
 
+from pagedserve.validation import check_field, is_finite_number, is_int, is_number
 
-def _require(ok: bool, name: str, rule: str, value: Any, owner: str = "SamplingParams") -> None:
-    if not ok:
-        raise ValueError(f"{owner}.{name} must be {rule}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+# top_k becomes an int64 tensor in the sampler (2**63 used to overflow it); int32 covers every
+# vocabulary, and any top_k >= the vocabulary size keeps every token.
+MAX_TOP_K = 2**31 - 1
+# Request seeds are 64-bit unsigned, the range of torch.Generator seeds they are mixed into.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -31,7 +25,7 @@ class SamplingParams:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (0, 1]."""
     top_k: int = 0
-    """Keep only the k most likely tokens; 0 or -1 disables."""
+    """Keep the k most likely tokens, k <= 2**31 - 1 (>= vocab size keeps all); 0 or -1: all."""
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the top token's, in [0, 1]."""
     repetition_penalty: float = 1.0
@@ -43,7 +37,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     """Token id -> value added to its logit before sampling (values in [-100, 100])."""
     seed: int | None = None
-    """Per-request random seed; the same seed gives the same tokens."""
+    """Per-request random seed in [0, 2**64 - n]; the same seed gives the same tokens."""
     max_tokens: int | None = 16
     """Maximum number of generated tokens (>= 1); None means up to the model's context length."""
     min_tokens: int = 0
@@ -71,73 +65,70 @@ class SamplingParams:
     OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
+        check = partial(check_field, "SamplingParams")
+        check("n", is_int(self.n) and self.n >= 1, "an integer >= 1", self.n)
         # Types first, so that a wrong one is named instead of failing a comparison below.
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
-            _require(_is_number(getattr(self, name)), name, "a number", getattr(self, name))
+            check(name, is_number(getattr(self, name)), "a number", getattr(self, name))
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
-            _require(isinstance(getattr(self, name), bool), name, "True or False",
-                     getattr(self, name))
-        _require(self.logit_bias is None or isinstance(self.logit_bias, dict), "logit_bias",
-                 "None or a dict of token id -> bias", self.logit_bias)
-        _require(self.stop is None or isinstance(self.stop, str | list | tuple), "stop",
-                 "None, a string or a list of strings", self.stop)
-        _require(self.stop_token_ids is None or isinstance(self.stop_token_ids, list | tuple),
-                 "stop_token_ids", "None or a list of token ids", self.stop_token_ids)
-        _require(
-            math.isfinite(self.temperature) and self.temperature >= 0,
-            "temperature", "a finite number >= 0", self.temperature,
-        )
-        _require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _require(
-            _is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),
-            "top_k", "-1, 0 (disabled) or a positive integer", self.top_k,
-        )
+            check(name, isinstance(getattr(self, name), bool), "True or False",
+                  getattr(self, name))
+        check("logit_bias", self.logit_bias is None or isinstance(self.logit_bias, dict),
+              "None or a dict of token id -> bias", self.logit_bias)
+        check("stop", self.stop is None or isinstance(self.stop, str | list | tuple),
+              "None, a string or a list of strings", self.stop)
+        check("stop_token_ids",
+              self.stop_token_ids is None or isinstance(self.stop_token_ids, list | tuple),
+              "None or a list of token ids", self.stop_token_ids)
+        check("temperature", is_finite_number(self.temperature) and self.temperature >= 0,
+              "a finite number >= 0", self.temperature)
+        check("top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
+        check("top_k",
+              is_int(self.top_k) and (self.top_k in (-1, 0) or 1 <= self.top_k <= MAX_TOP_K),
+              f"-1 or 0 (no limit) or an integer in [1, {MAX_TOP_K}]", self.top_k)
         if self.top_k == -1:
             self.top_k = 0
-        _require(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
-        _require(
-            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-            "repetition_penalty", "a finite number > 0", self.repetition_penalty,
-        )
-        _require(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]",
-                 self.presence_penalty)
-        _require(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]",
-                 self.frequency_penalty)
+        check("min_p", 0 <= self.min_p <= 1, "in [0, 1]", self.min_p)
+        check("repetition_penalty",
+              is_finite_number(self.repetition_penalty) and self.repetition_penalty > 0,
+              "a finite number > 0", self.repetition_penalty)
+        check("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]",
+              self.presence_penalty)
+        check("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]",
+              self.frequency_penalty)
         if self.logit_bias is not None:
             for token_id, bias in self.logit_bias.items():
-                _require(_is_int(token_id) and token_id >= 0, "logit_bias",
-                         "keyed by token ids >= 0", token_id)
-                _require(_is_number(bias) and -100 <= bias <= 100, "logit_bias",
-                         "valued in [-100, 100]", bias)
-        _require(self.seed is None or _is_int(self.seed), "seed", "an integer or None",
-                 self.seed)
-        _require(
-            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-            "max_tokens", "an integer >= 1 or None", self.max_tokens,
-        )
-        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
-                 "an integer >= 0", self.min_tokens)
+                check("logit_bias", is_int(token_id) and token_id >= 0,
+                      "keyed by token ids >= 0", token_id)
+                check("logit_bias", is_number(bias) and -100 <= bias <= 100,
+                      "valued in [-100, 100]", bias)
+        # Sequence i of n samples with seed + i, so the largest seed leaves room for n - 1.
+        largest_seed = MAX_SEED - (self.n - 1)
+        check("seed", self.seed is None or (is_int(self.seed) and 0 <= self.seed <= largest_seed),
+              f"None or an integer in [0, {largest_seed}]", self.seed)
+        check("max_tokens",
+              self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+              "an integer >= 1 or None", self.max_tokens)
+        check("min_tokens", is_int(self.min_tokens) and self.min_tokens >= 0, "an integer >= 0",
+              self.min_tokens)
         if self.max_tokens is not None:
-            _require(self.min_tokens <= self.max_tokens, "min_tokens",
-                     f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+            check("min_tokens", self.min_tokens <= self.max_tokens,
+                  f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
-            _require(all(isinstance(s, str) and s for s in self.stop), "stop",
-                     "a list of non-empty strings", self.stop)
+            check("stop", all(isinstance(s, str) and s for s in self.stop),
+                  "a list of non-empty strings", self.stop)
         if self.stop_token_ids is not None:
-            _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-                     "stop_token_ids", "a list of token ids >= 0", self.stop_token_ids)
-        _require(self.output_kind in self.OUTPUT_KINDS, "output_kind",
-                 f"one of {self.OUTPUT_KINDS}", self.output_kind)
+            check("stop_token_ids", all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+                  "a list of token ids >= 0", self.stop_token_ids)
+        check("output_kind", self.output_kind in self.OUTPUT_KINDS,
+              f"one of {self.OUTPUT_KINDS}", self.output_kind)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _require(
-                value is None or (_is_int(value) and 0 <= value <= self.MAX_LOGPROBS),
-                name, f"None or an integer in [0, {self.MAX_LOGPROBS}]", value,
-            )
+            check(name, value is None or (is_int(value) and 0 <= value <= self.MAX_LOGPROBS),
+                  f"None or an integer in [0, {self.MAX_LOGPROBS}]", value)
 
     def all_stop_token_ids(self) -> set[int]:
         """Stop token ids set by the user and by the engine."""
@@ -148,8 +139,8 @@ class SamplingParams:
         for name, ids in (("stop_token_ids", self.stop_token_ids or ()),
                           ("logit_bias", (self.logit_bias or {}).keys())):
             for token_id in ids:
-                _require(token_id < vocab_size, name, f"token ids < vocab size {vocab_size}",
-                         token_id)
+                check_field("SamplingParams", name, token_id < vocab_size,
+                            f"token ids < vocab size {vocab_size}", token_id)
 
 
 @dataclass
@@ -166,11 +157,11 @@ class BeamSearchParams:
     """Final score = cumulative logprob / length ** length_penalty."""
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width",
-                 "an integer >= 1", self.beam_width, "BeamSearchParams")
-        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
-                 "an integer >= 1", self.max_tokens, "BeamSearchParams")
-        _require(isinstance(self.ignore_eos, bool), "ignore_eos", "True or False",
-                 self.ignore_eos, "BeamSearchParams")
-        _require(_is_number(self.length_penalty) and math.isfinite(self.length_penalty),
-                 "length_penalty", "a finite number", self.length_penalty, "BeamSearchParams")
+        check = partial(check_field, "BeamSearchParams")
+        check("beam_width", is_int(self.beam_width) and self.beam_width >= 1, "an integer >= 1",
+              self.beam_width)
+        check("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1",
+              self.max_tokens)
+        check("ignore_eos", isinstance(self.ignore_eos, bool), "True or False", self.ignore_eos)
+        check("length_penalty", is_finite_number(self.length_penalty), "a finite number",
+              self.length_penalty)

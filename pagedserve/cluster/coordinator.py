@@ -1,12 +1,19 @@
 """The coordinator: one replica's engine core inside a Ray actor, stepping while requests come.
 
-One coordinator per replica, on a CPU: it makes its replica's placement group and
-tensor-parallel worker actors, owns the block tables and the scheduler (the core), and runs an
-asyncio step loop: steps back to back while any request is in flight, asleep (no polling)
-when none is. `add_request` and `abort_request` arrive from many callers while it runs; they
-take effect between steps (a request aborted during a step is skipped when the step's tokens
-come back). Each request's updates stream out once per step: per request (`generate`), or for
-every request of one subscriber in one batch (`submit` + `stream`, what a gateway uses).
+One coordinator per replica, on a CPU: it makes its replica's placement group and tensor-
+parallel worker actors, owns the block tables and the scheduler (the core), and runs its step
+loop: steps back to back while any request is in flight, asleep on a condition (no polling) when
+none is.
+
+Two threads share the work. The actor's asyncio event loop serves the callers: `add_request`
+and `abort_request` from many of them while steps run, and the output streams, once per step
+per request (`generate`) or for every request of one subscriber in one batch (`submit` +
+`stream`, what a gateway uses). A step thread runs the steps: schedule, dispatch to the ranks,
+complete. The core is touched under one lock, held for scheduling and completing a step but
+not while the ranks work, so requests are added and aborted during a step (a request aborted
+then is skipped when the step's tokens come back). Measured on an H200 (bench/coordinator.py),
+the step thread waiting on the ranks directly left a smaller gap between GPU steps than an
+asyncio loop awaiting them, whose every step paid the hand-over of Ray's reply into the loop.
 
 It never imports torch: the ranks build their workers inside their own actor processes.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -32,7 +40,13 @@ from pagedserve.engine.core import (
     EngineStats,
     SequenceUpdate,
 )
-from pagedserve.errors import InvalidArgument, PagedServeError, Unavailable, WorkerFailure
+from pagedserve.errors import (
+    Internal,
+    InvalidArgument,
+    PagedServeError,
+    Unavailable,
+    WorkerFailure,
+)
 from pagedserve.executor.ray import RayExecutor, shorten_gil_switch_interval
 from pagedserve.sampling_params import BeamSearchParams
 
@@ -83,10 +97,14 @@ class Coordinator:
         self._streams: dict[str, _Stream] = {}
         self._subscribers: dict[str, asyncio.Queue] = {}
         self._streaming: set[str] = set()
-        self.recent_steps: deque[tuple[float, float, int]] = deque(maxlen=STEP_LOG_SIZE)
-        """(step seconds, rank 0's execute seconds, sequences in the step) of recent steps."""
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self.recent_steps: deque[tuple[float, ...]] = deque(maxlen=STEP_LOG_SIZE)
+        """Per recent step: wall seconds, rank 0's seconds, sequences, then the seconds spent
+        scheduling, dispatching and waiting, and completing."""
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._step_thread: threading.Thread | None = None
         self._accepting = True
         self.failure: BaseException | None = None
         self.num_steps = 0
@@ -95,9 +113,11 @@ class Coordinator:
     # ---- requests in ------------------------------------------------------------------------
 
     def _start_loop(self) -> None:
-        if self._loop_task is None:
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+        if self._step_thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._step_thread = threading.Thread(target=self._run_steps, name="step-loop",
+                                                 daemon=True)
+            self._step_thread.start()
 
     def _check_serving(self) -> None:
         if self.failure is not None:
@@ -108,10 +128,11 @@ class Coordinator:
 
     def _add(self, request: EngineCoreRequest, stream: _Stream) -> None:
         self._check_serving()
-        self.core.add_request(request)
+        with self._lock:
+            self.core.add_request(request)
+            self._work.notify()
         self._streams[request.request_id] = stream
         self._start_loop()
-        self._wake.set()
 
     @staticmethod
     def _num_sequences(request: EngineCoreRequest) -> int:
@@ -185,7 +206,8 @@ class Coordinator:
         self._abort(request_id)
 
     def _abort(self, request_id: str) -> None:
-        self.core.abort_request(request_id)
+        with self._lock:
+            self.core.abort_request(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
@@ -197,34 +219,58 @@ class Coordinator:
 
     # ---- the step loop ----------------------------------------------------------------------
 
-    async def _step_loop(self) -> None:
+    def _run_steps(self) -> None:
+        """The step thread: one step after another while there is work (see the module
+        docstring). A step's outputs go to the event loop, which owns the streams, only once
+        the next step is on its way to the ranks: delivering them competes for the GIL, and
+        while the ranks compute nothing waits for it."""
         core = self.core
-        while self.failure is None:
-            if not core.has_unfinished_requests():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            started = time.perf_counter()
-            step = None
+        executor = core.executor
+        undelivered: EngineCoreOutputs | None = None
+        while True:
+            with self._work:
+                while not self._stopping and not core.has_unfinished_requests():
+                    undelivered = self._hand_over(undelivered)
+                    self._work.wait()
+                if self._stopping:
+                    return
+                started = time.perf_counter()
+                step = None
+                try:
+                    step = core.schedule()
+                    scheduled = time.perf_counter()
+                    submitted = executor.submit(step)
+                except Exception as error:
+                    undelivered = self._hand_over(undelivered)
+                    if self._handle_failure(step, error):
+                        return
+                    continue
+            undelivered = self._hand_over(undelivered)
             try:
-                step = core.schedule()
-                scheduled = time.perf_counter()
-                result = await core.executor.execute_async(step)
-                returned = time.perf_counter()
-                outputs = core.complete(step, result, started)
+                result = executor.wait(submitted)
             except Exception as error:
-                self._on_step_failure(step, error)
+                with self._lock:
+                    if self._handle_failure(step, error):
+                        return
                 continue
+            returned = time.perf_counter()
+            with self._lock:
+                undelivered = core.complete(step, result, started)
             self.num_steps += 1
-            self.last_stats = stats = outputs.stats
+            self.last_stats = stats = undelivered.stats
             self.recent_steps.append((stats.step_seconds, stats.execute_seconds,
                                       len(step.scheduled), scheduled - started,
                                       returned - scheduled, time.perf_counter() - returned))
-            self._deliver(outputs)
-            # Let callers' add/abort run between steps even when the step did not yield.
-            await asyncio.sleep(0)
 
-    def _on_step_failure(self, step, error: Exception) -> None:
+    def _hand_over(self, outputs: EngineCoreOutputs | None) -> None:
+        """Give a step's outputs to the event loop for delivery (none: nothing to do); returns
+        None, what the step thread then holds."""
+        if outputs is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _handle_failure(self, step, error: Exception) -> bool:
+        """Under the lock, in the step thread: abort what the failure touched and tell the
+        event loop. True when the replica is lost (the step thread then ends)."""
         try:
             if step is None:
                 raise error
@@ -232,22 +278,36 @@ class Coordinator:
         except CoreStepError as failed:
             cause = failed.__cause__
             if isinstance(cause, WorkerFailure):
-                self._fail_everything(cause)
-                return
-            logger.exception("step failed; its requests were aborted")
-            self._deliver(EngineCoreOutputs(updates=failed.updates))
+                return self._lose_replica(cause)
+            logger.error("step failed (%s); its requests were aborted", cause)
+            self._loop.call_soon_threadsafe(self._deliver,
+                                            EngineCoreOutputs(updates=failed.updates))
+        except WorkerFailure as lost:
+            return self._lose_replica(lost)
         except PagedServeError as other:  # e.g. the KV cache cannot hold a waiting request
             logger.error("step could not run: %s", other)
-            for request_id in list(self._streams):
-                self._fail_stream(request_id, other)
             self.core.abort_all()
+            self._loop.call_soon_threadsafe(self._fail_all_streams, other)
+        except Exception as bug:
+            logger.exception("step loop failed")
+            return self._lose_replica(Internal(f"the step loop failed ({bug!r}); this "
+                                               "replica stopped serving"))
+        return False
+
+    def _lose_replica(self, error: BaseException) -> bool:
+        self.failure = error
+        self.core.abort_all()
+        self._loop.call_soon_threadsafe(self._fail_everything, error)
+        return True
+
+    def _fail_all_streams(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._fail_stream(request_id, error)
 
     def _fail_everything(self, error: BaseException) -> None:
         """The ranks are gone: every stream ends with the error; the replica is unhealthy."""
         logger.error("replica failed: %s", error)
-        self.failure = error
-        for request_id in list(self._streams):
-            self._fail_stream(request_id, error)
+        self._fail_all_streams(error)
         for queue in self._subscribers.values():
             queue.put_nowait(_End(error))
 
@@ -307,12 +367,15 @@ class Coordinator:
                 "failure": None if self.failure is None else str(self.failure),
                 "num_requests": len(self._streams), "num_steps": self.num_steps}
 
-    async def step_log(self) -> list[tuple[float, float, int]]:
+    async def step_log(self) -> list[tuple[float, ...]]:
         """`recent_steps`, oldest first."""
         return list(self.recent_steps)
 
     async def stats(self) -> EngineStats:
-        return self.core.stats() if self.failure is None else self.last_stats
+        if self.failure is not None:
+            return self.last_stats
+        with self._lock:
+            return self.core.stats()
 
     async def model_info(self) -> dict[str, Any]:
         core = self.core
@@ -325,7 +388,8 @@ class Coordinator:
 
     async def free_blocks(self) -> int:
         """KV blocks not referenced by any request (tests check it returns to its start)."""
-        return self.core.scheduler.kv.pool.num_free_blocks
+        with self._lock:
+            return self.core.scheduler.kv.pool.num_free_blocks
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new requests and wait until those in flight are done; True if they are."""
@@ -341,13 +405,17 @@ class Coordinator:
         """End every stream (Unavailable), stop the loop and the worker actors."""
         self._accepting = False
         error = Unavailable("the replica shut down; retry on another replica")
+        with self._work:
+            self._stopping = True
+            self.core.abort_all()
+            self._work.notify()
         for request_id in list(self._streams):
-            self.core.abort_request(request_id)
             self._fail_stream(request_id, error)
         for queue in self._subscribers.values():
             queue.put_nowait(_End(error))
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        if self._step_thread is not None:
+            # At most one step is in flight; its results are dropped with the requests.
+            await asyncio.to_thread(self._step_thread.join)
         self.core.shutdown()
 
 

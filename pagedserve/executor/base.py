@@ -1,8 +1,8 @@
 """What the engine core needs from the ranks of one replica, whatever runs them.
 
 An executor reaches every tensor-parallel rank of a replica: `collective` calls a worker method
-on all ranks (results in rank order), `execute` runs one step on all of them (rank 0's result),
-`execute_async` is the same step for an asyncio caller (the coordinator's step loop). A rank
+on all ranks (results in rank order), `execute` runs one step on all of them (rank 0's result).
+A rank
 that fails, dies or outlives the step timeout fails the step with `WorkerFailure`, and the
 executor then refuses further work (`failure` says why).
 """
@@ -23,9 +23,6 @@ class Executor(Protocol):
 
     def execute(self, step: SchedulerOutput) -> StepResult:
         """Run one step on every rank; rank 0's result."""
-
-    async def execute_async(self, step: SchedulerOutput) -> StepResult:
-        """`execute` for an asyncio caller: the event loop keeps running while ranks work."""
 
     def shutdown(self) -> None:
         """Stop the ranks and free their devices; the executor is unusable afterwards."""

@@ -26,10 +26,6 @@ class LocalExecutor:
         self._check_alive()
         return self.worker.execute(step)
 
-    async def execute_async(self, step: SchedulerOutput) -> StepResult:
-        # In-process the step holds the GIL either way; there is nothing to await.
-        return self.execute(step)
-
     def _check_alive(self) -> None:
         if self.failure is not None:
             raise WorkerFailure(f"the worker is stopped ({self.failure}); start a new engine")

@@ -2,8 +2,8 @@
 
 The ranks meet in a torch.distributed group (NCCL on GPU, gloo on CPU) and every step is one
 broadcast: the same `SchedulerOutput` goes to all ranks and rank 0's `StepResult` comes back.
-The actor body builds its `Worker` inside the actor process, so the caller (the coordinator
-actor, or the offline `LLM`) never imports torch.
+The actor body builds its `Worker` inside the actor process, so the caller need not import
+torch (the coordinator actor never does).
 
 Steps go out one of two ways (`EngineConfig.step_dispatch`): a Ray Compiled Graph, whose ranks
 wait on shared-memory channels in a loop of their own (no task submission per step), or one
@@ -17,7 +17,6 @@ inside a collective would wait forever for the lost one).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import weakref
@@ -73,7 +72,7 @@ class RayExecutor:
         self.use_compiled_graph = config.step_dispatch == "compiled_graph"
         self.failure: str | None = None
         self.workers: list = []
-        self._graph: list = []  # [the compiled graph, whether it is asyncio] while one exists
+        self._graph: list = []  # [the compiled graph] while one exists
         size = config.tensor_parallel_size
         # Actors and the placement group go when the executor is collected, even without an
         # explicit shutdown(); otherwise a dropped engine would hold its GPUs until exit.
@@ -103,54 +102,37 @@ class RayExecutor:
         _teardown(self._graph)
         return self._get([w.call.remote(method, *args) for w in self.workers], timeout=None)
 
-    def _compiled(self, asyncio_mode: bool) -> Any:
-        if self._graph and self._graph[1] != asyncio_mode:
-            _teardown(self._graph)
+    def _compiled(self) -> Any:
         if not self._graph:
             from ray.dag import InputNode, MultiOutputNode
 
             with InputNode() as step:
                 dag = MultiOutputNode([w.execute.bind(step) for w in self.workers])
-            self._graph.extend([dag.experimental_compile(enable_asyncio=asyncio_mode),
-                                asyncio_mode])
+            self._graph.append(dag.experimental_compile())
         return self._graph[0]
 
-    def execute(self, step: SchedulerOutput) -> StepResult:
+    def submit(self, step: SchedulerOutput) -> Any:
+        """Send one step to every rank without waiting for it; `wait` takes its result (the
+        caller can do other work while the ranks run)."""
         self._check_alive()
         if self.use_compiled_graph:
             try:
-                refs = self._compiled(asyncio_mode=False).execute(step)
-                return self._ray.get(refs, timeout=self.step_timeout_s)[0]
+                return self._compiled().execute(step)
             except Exception as error:
                 self._fail(error)
-        return self._get([w.execute.remote(step) for w in self.workers],
-                         timeout=self.step_timeout_s)[0]
+        return [w.execute.remote(step) for w in self.workers]
 
-    async def execute_async(self, step: SchedulerOutput) -> StepResult:
-        self._check_alive()
+    def wait(self, submitted: Any) -> StepResult:
+        """Rank 0's result of a submitted step (every rank must finish it)."""
         if self.use_compiled_graph:
             try:
-                futures = await self._compiled(asyncio_mode=True).execute_async(step)
-                results = await asyncio.wait_for(
-                    asyncio.gather(*(_awaited(future) for future in futures)),
-                    self.step_timeout_s)
-                return results[0]
+                return self._ray.get(submitted, timeout=self.step_timeout_s)[0]
             except Exception as error:
                 self._fail(error)
-        refs = [w.execute.remote(step) for w in self.workers]
-        futures = [asyncio.ensure_future(_as_future(ref)) for ref in refs]
-        done, pending = await asyncio.wait(futures, timeout=self.step_timeout_s,
-                                           return_when=asyncio.FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None:
-                for other in pending:
-                    other.cancel()
-                self._fail(future.exception())
-        if pending:
-            for other in pending:
-                other.cancel()
-            self._fail(TimeoutError(f"a step ran past step_timeout_s={self.step_timeout_s}"))
-        return futures[0].result()
+        return self._get(submitted, timeout=self.step_timeout_s)[0]
+
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        return self.wait(self.submit(step))
 
     def _get(self, refs: list, timeout: float | None) -> list[Any]:
         """Results of `refs` in order; the first failure of any rank fails fast."""
@@ -180,14 +162,6 @@ class RayExecutor:
         if self.failure is None:
             self.failure = "shut down"
         self._finalizer()
-
-
-async def _as_future(ref: Any) -> Any:
-    return await ref
-
-
-async def _awaited(future: Any) -> Any:
-    return await future
 
 
 def _teardown(graph: list, kill_actors: bool = False) -> None:

@@ -111,7 +111,9 @@ class SamplingBatch:
         temperatures = [0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
         # Filters only matter for sampled rows (greedy rows take the argmax regardless), so
         # greedy rows get the "off" value and a greedy-only batch skips the filters entirely.
-        top_k = [p.top_k if p.top_k > 0 and not is_greedy(p) else vocab_size for p in params]
+        # A top_k beyond the vocabulary keeps every token, i.e. is "off" too.
+        top_k = [min(p.top_k, vocab_size) if p.top_k > 0 and not is_greedy(p) else vocab_size
+                 for p in params]
         top_p = [1.0 if is_greedy(p) else p.top_p for p in params]
         min_p = [0.0 if is_greedy(p) else p.min_p for p in params]
         repetition = [p.repetition_penalty for p in params]

@@ -10,13 +10,16 @@ rank joins the process group.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.errors import ResourceExhausted
 from pagedserve.scheduler.output import SchedulerOutput, StepResult
+from pagedserve.workers.host_resources import available_host_memory, choose_cpu_threads
 from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
 from pagedserve.workers.layers.parallel import init_tensor_parallel
 from pagedserve.workers.model_runner import ModelRunner
@@ -30,6 +33,8 @@ from pagedserve.workers.models.loader import (
 from pagedserve.workers.profiling import GIB, profile_kv_cache_bytes
 
 DEFAULT_CPU_KV_GIB = 0.25
+
+logger = logging.getLogger(__name__)
 
 
 def model_dtype(config: EngineConfig, hf_config: Any, device_type: str) -> torch.dtype:
@@ -63,6 +68,12 @@ class Worker:
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
         self._store = None  # rank 0's rendezvous store (kept alive while the group exists)
+        # The CPU model path runs on torch's intra-op threads; a GPU worker's host side is
+        # light, so its threads change only when cpu_threads asks for it.
+        if self.device.type == "cpu" or config.cpu_threads is not None:
+            threads, source = choose_cpu_threads(config.cpu_threads)
+            torch.set_num_threads(threads)
+            logger.info("rank %d: %d torch CPU threads (%s)", rank, threads, source)
 
     def open_rendezvous(self) -> tuple[str, int]:
         """On rank 0: start the store the ranks meet at, on a port the OS picks (no window in
@@ -150,8 +161,10 @@ class Worker:
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
     ) -> None:
-        """Allocate the KV pool (and the CPU swap pool) and build the model runner."""
+        """Allocate the KV pool (and the CPU swap pool) and build the model runner; raises
+        ResourceExhausted, naming the field that sized it, for a pool that does not fit."""
         config = self.config
+        self.check_pools_fit(num_gpu_blocks, num_cpu_blocks)
         kv_caches = allocate_kv_cache_for_config(
             self.hf_config,
             num_gpu_blocks,
@@ -184,6 +197,46 @@ class Worker:
             config.seed,
             cuda_graph_max_batch=graph_batch,
         )
+
+    def _kv_pool_size_field(self) -> str | None:
+        """The EngineConfig field that sized this rank's KV pool; None when profiling did (that
+        size already fits the free GPU memory)."""
+        if self.config.num_gpu_blocks_override is not None:
+            return "num_gpu_blocks_override"
+        if self.config.kv_cache_memory_gib is not None or self.device.type == "cpu":
+            return "kv_cache_memory_gib"
+        return None
+
+    def check_pools_fit(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        """Raise ResourceExhausted, before allocating, for a pool larger than the memory left:
+        the KV pool in free GPU memory (host memory on CPU), the swap pool in host memory."""
+        kv_bytes = num_gpu_blocks * self.block_bytes
+        kv_field = self._kv_pool_size_field()
+        host = available_host_memory()
+        if self.device.type == "cuda":
+            if kv_field is not None:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                self._check_fits(kv_field, "the KV pool", kv_bytes, free, "free GPU memory",
+                                 "or leave kv_cache_memory_gib and num_gpu_blocks_override None "
+                                 "to size the pool from gpu_memory_utilization")
+        elif host is not None:
+            self._check_fits(kv_field, "the KV pool", kv_bytes, host, "available host memory",
+                             "or free host memory")
+            host -= kv_bytes  # on CPU both pools take host memory
+        if num_cpu_blocks and host is not None:
+            self._check_fits("swap_space_gib", "the swap pool", num_cpu_blocks * self.block_bytes,
+                             host, "available host memory",
+                             "or set it to 0 to preempt by recomputation")
+
+    def _check_fits(self, field: str, pool: str, requested: int, available: int, where: str,
+                    advice: str) -> None:
+        if requested > available:
+            value = getattr(self.config, field)
+            default = f" ({DEFAULT_CPU_KV_GIB} GiB on CPU)" if value is None else ""
+            raise ResourceExhausted(
+                f"EngineConfig.{field}={value}{default} asks for {requested / GIB:.2f} GiB for "
+                f"{pool} of rank {self.rank}, but only {max(available, 0) / GIB:.2f} GiB of "
+                f"{where} is left; lower {field}, {advice}")
 
     def uses_cuda_graphs(self) -> bool:
         """Whether decode steps replay captured CUDA graphs on this rank."""
