@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (checked in; `make protos` regenerates them from protos/)."""

@@ -1,0 +1,1 @@
+"""pagedserve.v1 stubs: generation (public API) and coordinator (internal API)."""
