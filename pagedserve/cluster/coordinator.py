@@ -29,6 +29,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.cluster.coordinator_server import SERVICE as COORDINATOR_SERVICE
+from pagedserve.cluster.coordinator_server import start_coordinator_server
+from pagedserve.cluster.grpc_common import set_serving
 from pagedserve.cluster.placement import ReplicaPlacement, ensure_ray, resolve_device
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchOutput
@@ -107,6 +110,9 @@ class Coordinator:
         self._step_thread: threading.Thread | None = None
         self._accepting = True
         self.failure: BaseException | None = None
+        self._server = None
+        self._health = None
+        self.grpc_address: str | None = None
         self.num_steps = 0
         self.last_stats = self.core.stats()
 
@@ -157,8 +163,8 @@ class Coordinator:
                 self._abort(request.request_id)
 
     async def submit(self, requests: list[EngineCoreRequest], subscriber: str) -> None:
-        """Add requests whose updates go to `stream(subscriber)`, batched per step. Every
-        request is checked before any is queued."""
+        """Add requests whose updates go to `stream(subscriber)`, batched per step. If one is
+        refused, those of this call queued before it are aborted and the error is raised."""
         self._subscriber_queue(subscriber)
         added = []
         try:
@@ -307,6 +313,8 @@ class Coordinator:
     def _fail_everything(self, error: BaseException) -> None:
         """The ranks are gone: every stream ends with the error; the replica is unhealthy."""
         logger.error("replica failed: %s", error)
+        if self._health is not None:
+            asyncio.ensure_future(set_serving(self._health, [COORDINATOR_SERVICE], False))
         self._fail_all_streams(error)
         for queue in self._subscribers.values():
             queue.put_nowait(_End(error))
@@ -360,6 +368,13 @@ class Coordinator:
             stream.queue.put_nowait(_End())
 
     # ---- state, drain, shutdown ---------------------------------------------------------------
+
+    async def serve_grpc(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start the internal gRPC server (gateways connect to it); returns its address."""
+        if self._server is None:
+            self._server, self.grpc_address, self._health = await start_coordinator_server(
+                self, host, port)
+        return self.grpc_address
 
     async def health(self) -> dict[str, Any]:
         """Whether this replica serves, why not, and its latest stats."""
@@ -416,6 +431,8 @@ class Coordinator:
         if self._step_thread is not None:
             # At most one step is in flight; its results are dropped with the requests.
             await asyncio.to_thread(self._step_thread.join)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
         self.core.shutdown()
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchDriver, BeamSearchOutput
+from pagedserve.engine.limits import ModelLimits
 from pagedserve.errors import (
     AlreadyExists,
     Internal,
@@ -31,7 +32,7 @@ from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
 from pagedserve.scheduler.output import SchedulerOutput, StepResult, TokenLogprobs
 from pagedserve.scheduler.request import FinishReason, Request
 from pagedserve.scheduler.scheduler import Scheduler, child_request_id
-from pagedserve.validation import check_type, is_int
+from pagedserve.validation import check_type
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class EngineCore:
         executor.collective("init_cache", num_blocks, num_cpu_blocks, max_model_len,
                             tuple(self.eos_token_ids))
         self.max_model_len = max_model_len
+        self.limits = ModelLimits(self.vocab_size, max_model_len, config.max_num_seqs)
         self.block_size = config.block_size
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=config.max_num_seqs,
@@ -252,11 +254,7 @@ class EngineCore:
             return
         check_type("params", params, "SamplingParams or BeamSearchParams",
                    isinstance(params, SamplingParams))
-        limit = self.max_sequences_per_request
-        if params.n > limit:
-            raise InvalidArgument(f"SamplingParams.n must be in [1, {limit}] (max_num_seqs), "
-                                  f"got {params.n}")
-        params.check_vocab(self.vocab_size)
+        self.limits.check_params(params)
         self._warn_if_context_ends_first(request_id, len(token_ids), params.max_tokens)
         if len(self.eos_token_ids) > 1 and not params.ignore_eos:
             # Models with several end tokens (an instruct model's end-of-turn) stop on each.
@@ -273,29 +271,10 @@ class EngineCore:
         self._tracked[request_id] = _Tracked(params.n)
 
     def check_prompt(self, token_ids: Any) -> None:
-        """Token ids must be a non-empty list of ints inside the vocabulary, and leave room
-        for at least one output token."""
-        check_type("prompt_token_ids", token_ids, "a list of integers",
-                   isinstance(token_ids, list))
-        if not token_ids:
-            raise InvalidArgument("prompt must contain at least one token")
-        vocab = self.vocab_size
-        bad = [t for t in token_ids if not is_int(t) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidArgument(f"prompt_token_ids must be integers in [0, {vocab}), got "
-                                  f"{bad[:5]}")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidArgument(f"prompt has {len(token_ids)} tokens; it must be shorter than "
-                                  f"max_model_len ({self.max_model_len}) to leave room for "
-                                  "output")
+        self.limits.check_prompt(token_ids)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
-        """Strict check for served requests: prompt + max_tokens must fit the context."""
-        if max_tokens is not None and num_prompt_tokens + max_tokens > self.max_model_len:
-            room = self.max_model_len - num_prompt_tokens
-            raise InvalidArgument(f"SamplingParams.max_tokens must be in [1, {room}] for this "
-                                  f"{num_prompt_tokens}-token prompt (max_model_len "
-                                  f"{self.max_model_len}), got {max_tokens}")
+        self.limits.check_length(num_prompt_tokens, max_tokens)
 
     def _warn_if_context_ends_first(self, request_id: str, num_prompt_tokens: int,
                                     max_tokens: int | None) -> None:
@@ -309,10 +288,7 @@ class EngineCore:
 
     def _add_beam_search(self, request_id: str, token_ids: list[int],
                          params: BeamSearchParams) -> None:
-        limit = self.max_sequences_per_request
-        if params.beam_width > limit:
-            raise InvalidArgument(f"BeamSearchParams.beam_width must be in [1, {limit}] "
-                                  f"(max_num_seqs), got {params.beam_width}")
+        self.limits.check_params(params)
         self._warn_if_context_ends_first(request_id, len(token_ids), params.max_tokens)
         driver = BeamSearchDriver(request_id, list(token_ids), params,
                                   frozenset(self.eos_token_ids), self.max_model_len)
