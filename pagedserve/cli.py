@@ -1,4 +1,5 @@
-"""Command line: `pagedserve generate` runs offline generation (default: the embedded model).
+"""Command line: `pagedserve serve` runs the served system (gateway, coordinator, workers);
+`pagedserve generate` runs offline generation (default: the embedded model).
 
 A user error (a bad value, a missing model directory) prints one line and exits with status 2;
 anything else is a bug and keeps its traceback.
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pagedserve.cli_serve import add_serve_arguments, serve
 from pagedserve.errors import Internal, PagedServeError
 
 USER_ERROR_STATUS = 2  # what argparse exits with for a bad command line
@@ -63,7 +65,12 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="offline generation for a few prompts")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    serve_parser = sub.add_parser("serve", help="serve a model over gRPC until interrupted",
+                                  formatter_class=formatter)
+    add_serve_arguments(serve_parser)
+    gen = sub.add_parser("generate", help="offline generation for a few prompts",
+                         formatter_class=formatter)
     gen.add_argument("--model", default=None, help="HF checkpoint dir (default: embedded model)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _generate(args)
+        return serve(args) if args.command == "serve" else _generate(args)
     except Internal:
         raise  # a bug inside pagedserve: its traceback is what a report needs
     except (PagedServeError, FileNotFoundError, ValueError) as error:
