@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pagedserve.cli_bench import add_bench_arguments, bench
 from pagedserve.cli_serve import add_serve_arguments, serve
 from pagedserve.errors import Internal, PagedServeError
 
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = sub.add_parser("serve", help="serve a model over gRPC until interrupted",
                                   formatter_class=formatter)
     add_serve_arguments(serve_parser)
+    bench_parser = sub.add_parser("bench", help="benchmark a running server",
+                                  formatter_class=formatter)
+    add_bench_arguments(bench_parser)
     gen = sub.add_parser("generate", help="offline generation for a few prompts",
                          formatter_class=formatter)
     gen.add_argument("--model", default=None, help="HF checkpoint dir (default: embedded model)")
@@ -89,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return serve(args) if args.command == "serve" else _generate(args)
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "bench":
+            return bench(args)
+        return _generate(args)
     except Internal:
         raise  # a bug inside pagedserve: its traceback is what a report needs
     except (PagedServeError, FileNotFoundError, ValueError) as error:
