@@ -215,6 +215,10 @@ class EngineCore:
         self._tracked: dict[str, _Tracked] = {}
         self._beams: dict[str, BeamSearchDriver] = {}
         self._pending: list[SequenceUpdate] = []
+        self._owners: dict[str, tuple[str, int]] = {}
+        """Sequence id -> (request id, index), memoized for sequences that emit tokens."""
+        self._with_cancelled: set[str] = set()
+        """Requests with sequences cancelled before their split (see _Tracked.cancelled)."""
 
     def _fit_context(self, max_model_len: int, num_blocks: int) -> int:
         """A request of max_model_len tokens must fit the whole pool, or it could be admitted
@@ -306,7 +310,8 @@ class EngineCore:
             driver.abort(self.scheduler)
             return
         if request_id in self._tracked:
-            del self._tracked[request_id]
+            tracked = self._tracked.pop(request_id)
+            self._forget_owners(request_id, tracked)
             self.scheduler.abort_request(request_id)
             self._pending = [u for u in self._pending if u.request_id != request_id]
             return
@@ -317,10 +322,17 @@ class EngineCore:
             return
         if request_id in self.scheduler.requests:
             self.scheduler.abort_request(request_id)
+            self._owners.pop(request_id, None)
         else:
             tracked.cancelled.add(index)
+            self._with_cancelled.add(parent_id)
         self._pending.append(SequenceUpdate(parent_id, index, finish_reason="abort"))
         self._count_finished(parent_id, index)
+
+    def _forget_owners(self, request_id: str, tracked: _Tracked) -> None:
+        self._owners.pop(request_id, None)
+        for index in range(tracked.num_sequences if tracked.num_sequences > 1 else 0):
+            self._owners.pop(child_request_id(request_id, index), None)
 
     def abort_all(self) -> None:
         """Abort every request (and its blocks); nothing more is reported for them."""
@@ -402,6 +414,8 @@ class EngineCore:
         outputs = EngineCoreOutputs(updates=self._pending)
         self._pending = []
         for item in step.scheduled:
+            if item.new_request is None:  # seen by the ranks before, so scheduled before
+                continue
             request_id = _split_sequence_id(item.request_id)[0]
             tracked = self._tracked.get(request_id)
             if tracked is not None and not tracked.scheduled:
@@ -410,10 +424,15 @@ class EngineCore:
         for sequence_id, chunk in result.prompt_logprobs.items():
             if sequence_id in self._tracked:
                 outputs.updates.append(SequenceUpdate(sequence_id, 0, prompt_logprobs=chunk))
+        owners = self._owners
         for request in emitted:
-            request_id, index = _split_sequence_id(request.request_id)
-            if request_id not in self._tracked:
-                continue
+            owner = owners.get(request.request_id)
+            if owner is None:
+                owner = _split_sequence_id(request.request_id)
+                if owner[0] not in self._tracked:  # a beam's sequence, or an aborted request
+                    continue
+                owners[request.request_id] = owner
+            request_id, index = owner
             logprobs = result.logprobs.get(request.request_id)
             update = SequenceUpdate(
                 request_id, index, [request.output_token_ids[-1]],
@@ -422,13 +441,17 @@ class EngineCore:
                 num_preemptions=request.num_preemptions)
             if request.status.is_finished:
                 self._finish_update(update, request)
+                del owners[request.request_id]
             outputs.updates.append(update)
-        for request_id, tracked in self._tracked.items():
-            for index in list(tracked.cancelled):
+        for request_id in list(self._with_cancelled):
+            tracked = self._tracked.get(request_id)
+            for index in list(tracked.cancelled if tracked is not None else ()):
                 sequence_id = child_request_id(request_id, index)
                 if sequence_id in scheduler.requests:  # the split made it just now
                     scheduler.abort_request(sequence_id)
                     tracked.cancelled.discard(index)
+            if tracked is None or not tracked.cancelled:
+                self._with_cancelled.discard(request_id)
         for request_id, driver in list(self._beams.items()):
             done = driver.on_step(scheduler, result)
             if done is not None:
@@ -450,6 +473,7 @@ class EngineCore:
             return
         update = SequenceUpdate(request_id, index)
         self._finish_update(update, request)
+        self._owners.pop(request.request_id, None)
         into.append(update)
 
     def finish_sequence(self, sequence_id: str, stop_reason: str) -> None:
@@ -459,6 +483,7 @@ class EngineCore:
         if request_id not in self._tracked or sequence_id not in self.scheduler.requests:
             return
         self.scheduler.finish_request(sequence_id, FinishReason.STOP, stop_reason)
+        self._owners.pop(sequence_id, None)
         self._count_finished(request_id, index)
 
     def stats(self, step: SchedulerOutput | None = None, result: StepResult | None = None,

@@ -47,6 +47,8 @@ def core(llm) -> EngineCore:
         core.abort_request(request_id)
     core._pending.clear()
     assert not leftover, f"test left requests in the core: {leftover}"
+    # The memo of sequence owners forgets every sequence that ended, whatever ended it.
+    assert core._owners == {} and core._with_cancelled == set()
     assert_no_leaks(llm)
 
 
