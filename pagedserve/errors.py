@@ -67,3 +67,39 @@ class Internal(PagedServeError, RuntimeError):
     """A bug or an unexpected failure inside pagedserve."""
 
     grpc_status = "INTERNAL"
+
+
+class Unauthenticated(PagedServeError):
+    """A missing or wrong bearer token (the gateway's api key)."""
+
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(PagedServeError):
+    """The caller is known but may not do this."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class NotFound(PagedServeError, LookupError):
+    """A named thing (a model, a request id) does not exist."""
+
+    grpc_status = "NOT_FOUND"
+
+
+class Cancelled(PagedServeError):
+    """The call was cancelled (by the caller, or by the server shutting it down)."""
+
+    grpc_status = "CANCELLED"
+
+
+class FailedPrecondition(PagedServeError, RuntimeError):
+    """The system is not in a state that allows the call (e.g. draining for good)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class Aborted(PagedServeError, RuntimeError):
+    """The operation was aborted by a conflict; retrying the whole operation may succeed."""
+
+    grpc_status = "ABORTED"
