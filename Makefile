@@ -20,6 +20,7 @@ install: $(STAMP)
 main: $(STAMP)
 	$(PY) bench/kv_memory.py --json out/kv_memory.json
 	$(PY) -m pagedserve generate --temperature 0.8 --json out/generate.json
+	$(PY) -m pagedserve demo --json out/serve_demo.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from pagedserve.cli_bench import add_bench_arguments, bench
+from pagedserve.cli_demo import add_demo_arguments, demo
 from pagedserve.cli_serve import add_serve_arguments, serve
 from pagedserve.errors import Internal, PagedServeError
 
@@ -28,7 +30,26 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def _generate_remote(args: argparse.Namespace) -> int:
+    """Stream each prompt's completion from a running server."""
+    from pagedserve.client import Client, StreamDelta
+
+    with Client(args.url, api_key=args.api_key) as client:
+        for prompt in args.prompt or DEFAULT_PROMPTS:
+            print(f"{prompt!r} -> ", end="", flush=True)
+            stream = client.generate_stream(prompt, max_tokens=args.max_tokens,
+                                            temperature=args.temperature, top_p=args.top_p,
+                                            n=args.n)
+            for event in stream:
+                if isinstance(event, StreamDelta):
+                    print(event.text, end="", flush=True)
+            print(f" ({', '.join(map(str, stream.final.finish_reasons))})")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
+    if args.url:
+        return _generate_remote(args)
     from pagedserve.sampling_params import SamplingParams
 
     # Checked before the engine is imported (seconds of torch start-up) or built.
@@ -70,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = sub.add_parser("serve", help="serve a model over gRPC until interrupted",
                                   formatter_class=formatter)
     add_serve_arguments(serve_parser)
+    demo_parser = sub.add_parser("demo", help="start a server, stream through the SDK, stop it",
+                                 formatter_class=formatter)
+    add_demo_arguments(demo_parser)
     bench_parser = sub.add_parser("bench", help="benchmark a running server",
                                   formatter_class=formatter)
     add_bench_arguments(bench_parser)
@@ -90,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="torch threads of a CPU worker (default: OMP_NUM_THREADS, else half "
                           "the cores, at most 4)")
     gen.add_argument("--json", default=None, help="write outputs here")
+    gen.add_argument("--url", default=None,
+                     help="a running server's host:port: stream from it instead of running "
+                          "the model here")
+    gen.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                     help="bearer token for --url (default: $PAGEDSERVE_API_KEY)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -97,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "bench":
             return bench(args)
+        if args.command == "demo":
+            return demo(args)
         return _generate(args)
     except Internal:
         raise  # a bug inside pagedserve: its traceback is what a report needs

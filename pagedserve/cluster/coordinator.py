@@ -51,7 +51,9 @@ from pagedserve.errors import (
     WorkerFailure,
 )
 from pagedserve.executor.ray import RayExecutor, shorten_gil_switch_interval
-from pagedserve.sampling_params import BeamSearchParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
+from pagedserve.scheduler.output import SchedulerOutput
+from pagedserve.validation import check_type
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ class Coordinator:
         executor = RayExecutor(config, config.model, device_type, placement)
         try:
             self.core = EngineCore(config, executor)
+            # An empty step builds the dispatch path (a compiled graph compiles on its first
+            # step) now rather than in the first request's time to first token.
+            executor.execute(SchedulerOutput())
         except BaseException:
             executor.shutdown()
             raise
@@ -142,11 +147,16 @@ class Coordinator:
 
     @staticmethod
     def _num_sequences(request: EngineCoreRequest) -> int:
-        return 1 if isinstance(request.params, BeamSearchParams) else request.params.n
+        params = request.params
+        check_type("params", params, "SamplingParams or BeamSearchParams",
+                   isinstance(params, SamplingParams | BeamSearchParams))
+        return 1 if isinstance(params, BeamSearchParams) else params.n
 
     async def generate(self, request: EngineCoreRequest) -> AsyncIterator[StreamItem]:
         """Add a request and yield its updates once per step (a list of SequenceUpdate), or
-        for beam search its one BeamSearchOutput; raises when the replica fails."""
+        for beam search its one BeamSearchOutput; raises when the replica fails. A Ray caller
+        that stops early must `ray.cancel` the stream (or call abort_request): Ray does not
+        close an actor's generator when the caller merely drops it."""
         queue: asyncio.Queue = asyncio.Queue()
         self._add(request, _Stream(self._num_sequences(request), queue=queue))
         try:

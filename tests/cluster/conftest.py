@@ -1,0 +1,58 @@
+"""Fixtures of the cluster tests: a local Ray cluster per module, tiny checkpoints, HF
+references."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.engine.engine_utils import HFReference
+from tests.helpers.tiny_models import save_tiny_checkpoint
+
+ray = pytest.importorskip("ray")
+
+# Logical CPUs (the ranks sleep between steps): a TP=2 replica (coordinator + 2 ranks) beside
+# another TP=2 one fits, even on a 2-core machine.
+RAY_CPUS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Intra-op threads spin badly on a busy 2-core machine; restored after each module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray_cluster():
+    """A fresh local cluster (never one that RAY_ADDRESS or `ray start` left running)."""
+    if ray.is_initialized():  # a connection another module left behind
+        ray.shutdown()
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
+             logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """variant -> directory of its tiny random checkpoint (written once per session)."""
+    saved: dict[str, Path] = {}
+
+    def get(variant: str = "llama") -> Path:
+        if variant not in saved:
+            saved[variant] = save_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt-{variant}"),
+                                                  variant)
+        return saved[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf() -> HFReference:
+    return HFReference()
