@@ -41,11 +41,16 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid bearer token with UNAUTHENTICATED."""
 
     def __init__(self, tokens: list[str]) -> None:
-        self._expected = [f"Bearer {token}".encode() for token in tokens]
+        self._expected = [token.encode() for token in tokens]
 
     def _authorized(self, metadata) -> bool:
         header = next((value for key, value in metadata or () if key == "authorization"), "")
-        given = header.encode() if isinstance(header, str) else header
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 6750)
+            return False
+        given = token.encode()
         # Every token is compared (no early exit), each in constant time.
         matches = [hmac.compare_digest(given, expected) for expected in self._expected]
         return any(matches)
@@ -55,7 +60,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
                 handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        return _refusing(handler)
+        # No such method: grpc answers UNIMPLEMENTED, which tells nothing a token would guard.
+        return None if handler is None else _refusing(handler)
 
 
 def _refusing(handler):

@@ -72,6 +72,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self._round_robin = itertools.count()
         self.limits: ModelLimits | None = None
         self.model_info: pb.ModelInfo | None = None
+        self._eos_token_ids: frozenset[int] = frozenset()
 
     async def start(self) -> None:
         for replica in self.replicas:
@@ -82,6 +83,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.model_info.model = self.model_name
         self.model_info.num_replicas = len(self.replicas)
         self.limits = ModelLimits(info.vocab_size, info.max_model_len, info.max_num_seqs)
+        self._eos_token_ids = frozenset(info.eos_token_ids)
 
     async def close(self) -> None:
         for replica in self.replicas:
@@ -213,7 +215,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             if isinstance(item, _Lost):
                 await _abort_call(context, item.error)
             done = True
-            return _final_response(core_request, item, with_text=True)
+            return _final_response(core_request, item, with_text=True,
+                                   eos_token_ids=self._eos_token_ids)
         finally:
             await self._finish(core_request.request_id, done)
 
@@ -231,7 +234,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
                 if not isinstance(item, RequestOutput):  # a beam search: one final message
                     done = True
                     yield pb.GenerateStreamResponse(request_id=request_id, final=_final_response(
-                        core_request, item, with_text=True))
+                        core_request, item, with_text=True, eos_token_ids=self._eos_token_ids))
                     return
                 prompt_logprobs = prompt_logprobs or item.prompt_logprobs
                 for completion in item.outputs:
@@ -329,8 +332,8 @@ async def _abort_call(context, error: BaseException) -> None:
     await context.abort(status_of(error), str(error))
 
 
-def _final_response(core_request: EngineCoreRequest, output: Any,
-                    with_text: bool) -> pb.GenerateResponse:
+def _final_response(core_request: EngineCoreRequest, output: Any, with_text: bool,
+                    eos_token_ids: frozenset[int] = frozenset()) -> pb.GenerateResponse:
     """The final message: a RequestOutput (its completions; with text and tokens unless they
     were streamed) or a beam search's BeamSearchOutput."""
     response = pb.GenerateResponse(request_id=core_request.request_id,
@@ -338,10 +341,11 @@ def _final_response(core_request: EngineCoreRequest, output: Any,
     prompt_tokens = len(core_request.prompt_token_ids)
     if not isinstance(output, RequestOutput):
         for index, beam in enumerate(output.sequences):
+            ended_on_eos = bool(beam.token_ids) and beam.token_ids[-1] in eos_token_ids
             response.completions.append(pb.Completion(
                 index=index, text=beam.text, token_ids=beam.token_ids,
-                finish_reason=pb.FINISH_REASON_STOP, cumulative_logprob=beam.cumulative_logprob,
-                score=beam.score))
+                finish_reason=pb.FINISH_REASON_STOP if ended_on_eos else pb.FINISH_REASON_LENGTH,
+                cumulative_logprob=beam.cumulative_logprob, score=beam.score))
         response.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(
             len(b.token_ids) for b in output.sequences)))
         return response

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -78,6 +79,7 @@ class Server:
         self.gateway: Gateway | None = None
         self.server: grpc.aio.Server | None = None
         self.address: str | None = None
+        self.instance = uuid.uuid4().hex[:8]
         self._started_ray = False
 
     async def start(self) -> str:
@@ -96,8 +98,9 @@ class Server:
             else ray.util.get_node_ip_address()
         addresses = []
         for index in range(options.replicas):
+            # Named per server: several servers may share one Ray cluster and namespace.
             handle = await asyncio.to_thread(start_coordinator, self.config,
-                                             f"pagedserve-coordinator-{index}")
+                                             f"pagedserve-coordinator-{self.instance}-{index}")
             self.coordinators.append(handle)
             addresses.append(await handle.serve_grpc.remote(coordinator_host))
         from pagedserve.workers.models.loader import load_tokenizer

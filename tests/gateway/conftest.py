@@ -1,0 +1,87 @@
+"""Fixtures of the gateway tests (the served system end to end, over real gRPC on 127.0.0.1).
+
+One local Ray cluster serves the whole folder (it is shut down as soon as the last test here
+has run), one event-loop thread carries every grpc.aio object, and each module starts its own
+Server(s), one at a time (see test_gateway_errors.py: two Servers cannot share a Ray cluster).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.gateway.gateway_utils import LoopThread
+from tests.helpers.tiny_models import save_tiny_checkpoint
+
+ray = pytest.importorskip("ray")
+
+# Logical CPUs: a Server takes two (its coordinator and one rank); room to spare for a second.
+RAY_CPUS = 8
+HERE = Path(__file__).resolve().parent
+_ray_started_here = False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Intra-op threads spin badly on a busy 2-core machine; restored after each module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def aio():
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A fresh local Ray cluster (never one RAY_ADDRESS or `ray start` left running), started
+    by the folder's first module and shut down after its last test (hook below)."""
+    global _ray_started_here
+    if not _ray_started_here:
+        if ray.is_initialized():  # a connection another folder left behind
+            ray.shutdown()
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
+                 logging_level="ERROR")
+        _ray_started_here = True
+    return ray
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the fixtures of the last gateway test are torn down (its Servers stopped): stop the
+    Ray cluster, so later folders neither share nor pay for it."""
+    global _ray_started_here
+    try:
+        return (yield)
+    finally:
+        leaving = nextitem is None or HERE not in Path(str(nextitem.path)).resolve().parents
+        if leaving and _ray_started_here:
+            _ray_started_here = False
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny random Llama (no tokenizer), with a 2048-token context: long enough that a
+    request of 2,000 tokens runs for seconds, so an abort is told apart from a finish."""
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("gateway-tiny"), "llama",
+                                    max_position_embeddings=2048))
+
+
+@pytest.fixture(scope="session")
+def default_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The embedded default model (byte-level tokenizer), written under a temporary
+    PAGEDSERVE_CACHE."""
+    from pagedserve.engine.default_model import ensure_default_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PAGEDSERVE_CACHE", str(tmp_path_factory.mktemp("pagedserve-cache")))
+        return ensure_default_model()
