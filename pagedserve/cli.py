@@ -28,6 +28,14 @@ DEFAULT_PROMPTS = [
     "Continuous batching means",
     "def fibonacci(n):",
 ]
+# With no --prompt, these go through the model's chat template (the default model is an
+# instruct model); DEFAULT_PROMPTS are the fallback for a tokenizer without one.
+DEFAULT_QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 2 + 2?",
+    "Describe a cat in one sentence.",
+]
 
 
 def _generate_remote(args: argparse.Namespace) -> int:
@@ -55,25 +63,31 @@ def _generate(args: argparse.Namespace) -> int:
     # Checked before the engine is imported (seconds of torch start-up) or built.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, n=args.n)
-    if args.model is not None and not Path(args.model).is_dir():
+    if args.model is not None and not Path(args.model).is_dir() \
+            and not args.model.lower().endswith(".gguf"):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory; give a Hugging Face "
-                                "checkpoint directory, or leave --model out for the embedded "
-                                "model")
+                                "checkpoint directory or a .gguf file, or leave --model out "
+                                "for the embedded model")
     from pagedserve.llm import LLM
 
     with LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
              tensor_parallel_size=args.tensor_parallel_size,
              cpu_threads=args.cpu_threads) as llm:
-        prompts = args.prompt or DEFAULT_PROMPTS
+        tokenizer = llm.get_tokenizer()
+        chat = not args.prompt and bool(getattr(tokenizer, "chat_template", None))
+        prompts = args.prompt or (DEFAULT_QUESTIONS if chat else DEFAULT_PROMPTS)
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
+        if chat:
+            outputs = llm.chat([[{"role": "user", "content": q}] for q in prompts], params)
+        else:
+            outputs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
     generated = sum(o.usage.completion_tokens for o in outputs)
     records = []
-    for output in outputs:
+    for prompt, output in zip(prompts, outputs, strict=True):
         for completion in output.outputs:
-            print(f"{output.prompt!r} -> {completion.text!r} ({completion.finish_reason})")
-            records.append({"prompt": output.prompt, "text": completion.text,
+            print(f"{prompt!r} -> {completion.text!r} ({completion.finish_reason})")
+            records.append({"prompt": prompt, "text": completion.text,
                             "token_ids": completion.token_ids,
                             "finish_reason": completion.finish_reason})
     print(f"{len(outputs)} requests, {generated} tokens in {elapsed:.2f} s "

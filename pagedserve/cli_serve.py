@@ -50,10 +50,11 @@ def serve(args: argparse.Namespace) -> int:
     from pagedserve.cluster.launcher import ServeOptions
     from pagedserve.config import EngineConfig
 
-    if args.model is not None and not Path(args.model).is_dir():
+    if args.model is not None and not Path(args.model).is_dir() \
+            and not args.model.lower().endswith(".gguf"):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory; give a Hugging Face "
-                                "checkpoint directory, or leave --model out for the embedded "
-                                "model")
+                                "checkpoint directory or a .gguf file, or leave --model out "
+                                "for the embedded model")
     options = ServeOptions(host=args.host, port=args.port, ray_address=args.address,
                            max_queue_per_replica=args.max_queue_per_replica,
                            auth_token_file=args.auth_token_file, tls_cert=args.tls_cert,

@@ -30,7 +30,7 @@ class EngineConfig:
     """Everything needed to build an engine for one model replica."""
 
     model: str | None = None
-    """HF checkpoint directory; None uses the embedded default model."""
+    """HF checkpoint directory or a .gguf file; None uses the embedded default model."""
     tokenizer: str | None = None
     """Tokenizer directory (default: the model directory)."""
     dtype: str = "auto"

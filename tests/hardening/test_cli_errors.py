@@ -15,7 +15,8 @@ from pagedserve.errors import Internal, InvalidArgument, ResourceExhausted, Unsu
 
 REPO = Path(__file__).resolve().parents[2]
 MISSING_MODEL = ("pagedserve: error: --model '/nonexistent' is not a directory; give a Hugging "
-                 "Face checkpoint directory, or leave --model out for the embedded model\n")
+                 "Face checkpoint directory or a .gguf file, or leave --model out for the embedded "
+                 "model\n")
 
 
 def test_missing_model_directory_is_one_line_and_status_2(capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pagedserve.errors import Unsupported
 from pagedserve.workers.layers.weight_utils import WeightShapeError
 from pagedserve.workers.models.loader import (
     llama_8b_config,
@@ -219,9 +220,10 @@ def test_bad_tensor_parallel_size_lists_valid_sizes(tiny_checkpoint):
 
 
 def test_unsupported_rope_scaling(tmp_path):
-    config = tiny_config("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                                "original_max_position_embeddings": 64})
-    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+    config = tiny_config("llama", rope_scaling={"rope_type": "fancy", "factor": 2.0})
+    with pytest.raises(Unsupported, match=r"unsupported rope_scaling type 'fancy'; supported: "
+                                          r"\['default', 'dynamic', 'linear', 'llama3', "
+                                          r"'yarn'\]"):
         load_model(config, load_format="dummy")
 
 

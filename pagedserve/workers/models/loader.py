@@ -2,9 +2,11 @@
 
 Weights are read from safetensors lazily: each checkpoint tensor is opened as a slice and every
 parameter's `weight_loader` reads only this rank's rows/columns, so a TP rank never holds a full
-tensor it does not need. Checkpoint names map one-to-one onto module names except the q/k/v and
-gate/up projections, which load into the fused parameters as shards (see
-`LlamaForCausalLM.packed_modules_mapping`).
+tensor it does not need. Checkpoints without safetensors may be PyTorch `.bin` files
+(`pytorch_model.bin`, or shards named by `pytorch_model.bin.index.json`), read whole with
+`torch.load(weights_only=True)`; safetensors win when both are there. Checkpoint names map
+one-to-one onto module names except the q/k/v and gate/up projections, which load into the
+fused parameters as shards (see `LlamaForCausalLM.packed_modules_mapping`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
 from pagedserve.workers.layers.parallel import TensorParallelGroup, valid_tp_sizes
 from pagedserve.workers.layers.weight_utils import WeightShapeError, default_weight_loader
+from pagedserve.workers.models import gguf
 from pagedserve.workers.models.llama import LlamaForCausalLM, model_class_for, num_kv_heads_of
 
 logger = logging.getLogger(__name__)
@@ -35,11 +38,16 @@ _DTYPES = {
 # Derived buffers some older checkpoints saved; recomputed from the config instead.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _INDEX_FILE = "model.safetensors.index.json"
+_BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 
 
 def load_config(model_dir: str | os.PathLike) -> PretrainedConfig:
-    """The checkpoint's config.json via transformers, without touching the network."""
+    """The checkpoint's config.json via transformers, without touching the network (for a GGUF
+    file, or a directory holding one and no config.json, transformers' config of its metadata)."""
     path = Path(model_dir)
+    gguf_file = gguf.gguf_file_of(path)
+    if gguf_file is not None:
+        return gguf.load_gguf_config(gguf_file)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
@@ -97,7 +105,11 @@ def build_model(config: Any, dtype: torch.dtype, device: str | torch.device,
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files to read: those named by the index when there is one, else all."""
+    """The safetensors files to read: those named by the index when there is one, else all;
+    without any, the PyTorch .bin files. A GGUF checkpoint is its one .gguf file."""
+    gguf_file = gguf.gguf_file_of(model_dir)
+    if gguf_file is not None:
+        return [gguf_file]
     index_path = model_dir / _INDEX_FILE
     if index_path.is_file():
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -111,10 +123,51 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     # Mistral repositories ship the same weights again under Mistral's own names.
     files = [f for f in files if not f.name.startswith("consolidated")] or files
     if not files:
-        hint = " (only safetensors is supported, found .bin files)" if any(
-            model_dir.glob("*.bin")) else ""
-        raise FileNotFoundError(f"no *.safetensors weight files in {str(model_dir)!r}{hint}")
+        files = _bin_checkpoint_files(model_dir)
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weight files (nor pytorch_model*.bin) in "
+                                f"{str(model_dir)!r}")
     return files
+
+
+def _bin_checkpoint_files(model_dir: Path) -> list[Path]:
+    """PyTorch .bin weights: those named by pytorch_model.bin.index.json, else
+    pytorch_model*.bin (other .bin files, e.g. training_args.bin, are no weights)."""
+    index_path = model_dir / _BIN_INDEX_FILE
+    if not index_path.is_file():
+        return sorted(model_dir.glob("pytorch_model*.bin"))
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    missing = [str(f.name) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{_BIN_INDEX_FILE} in {str(model_dir)!r} names missing files: "
+                                f"{missing}")
+    return files
+
+
+class _BinCheckpoint:
+    """A .bin state dict behind the two `safe_open` methods `load_weights` uses; get_slice
+    returns the tensor itself, which the weight loaders slice like a safetensors slice."""
+
+    def __init__(self, path: Path) -> None:
+        self.tensors = torch.load(path, weights_only=True, map_location="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+@contextlib.contextmanager
+def _open_checkpoint(path: Path) -> Iterator[Any]:
+    if path.suffix.lower() == gguf.GGUF_SUFFIX:
+        yield gguf.GGUFCheckpoint(path)  # dequantized as the weight loaders read their slices
+    elif path.suffix == ".bin":
+        yield _BinCheckpoint(path)
+    else:
+        with safe_open(path, framework="pt", device="cpu") as checkpoint:
+            yield checkpoint
 
 
 def _param_target(model: LlamaForCausalLM, checkpoint_name: str) -> tuple[str, Any]:
@@ -147,7 +200,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike) -> None:
     loaded: set[tuple[str, Any]] = set()
     unexpected: list[str] = []
     for path in checkpoint_files(model_dir):
-        with safe_open(path, framework="pt", device="cpu") as checkpoint:
+        with _open_checkpoint(path) as checkpoint:
             for checkpoint_name in checkpoint.keys():  # noqa: SIM118 (safe_open is no dict)
                 if checkpoint_name.endswith(_IGNORED_SUFFIXES) or (
                         model.tie_word_embeddings and checkpoint_name == "lm_head.weight"):
@@ -247,6 +300,9 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     try:
+        gguf_file = gguf.gguf_file_of(path)
+        if gguf_file is not None:  # built from the file's metadata, chat template included
+            return gguf.load_gguf_tokenizer(gguf_file)
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         # The message, not the exception: a log record keeps its args, and the exception's
@@ -257,12 +313,14 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 def eos_token_ids(hf_config: Any, tokenizer: Any, model_dir: str | os.PathLike) -> list[int]:
     """EOS ids from config.json, then generation_config.json (instruct models often list their
-    end-of-turn token only there, e.g. Llama 3's <|eot_id|>), then the tokenizer."""
+    end-of-turn token only there, e.g. Llama 3's <|eot_id|>), then the tokenizer. A GGUF file
+    has no generation config: its metadata's eos/eot/eom ids stand in for it."""
     from transformers import GenerationConfig
 
+    gguf_file = gguf.gguf_file_of(model_dir)
     try:
-        generation_eos = GenerationConfig.from_pretrained(
-            model_dir, local_files_only=True).eos_token_id
+        generation_eos = gguf.end_of_generation_ids(gguf_file) if gguf_file is not None else \
+            GenerationConfig.from_pretrained(model_dir, local_files_only=True).eos_token_id
     except OSError:
         generation_eos = None
     ids: list[int] = []
