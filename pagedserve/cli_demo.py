@@ -13,6 +13,14 @@ import time
 
 from pagedserve.cli_serve import READY_PREFIX
 
+# Questions for an instruct model: each goes through the model's chat template here (the
+# tokenizer is read from the checkpoint directory) and is sent as token ids.
+DEMO_QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+]
+# Sent as text when the model's tokenizer has no chat template.
 DEMO_PROMPTS = [
     "PagedAttention stores the KV cache in fixed-size blocks,",
     "The quick brown fox",
@@ -46,15 +54,42 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"pagedserve serve did not come up (status {server.wait()})")
 
 
-def _stream(address: str, prompts: list[str], max_tokens: int) -> list[dict]:
+def _demo_prompts(model: str | None) -> list[tuple[str, str | list[int]]]:
+    """(what to print, what to send): the questions as chat-template token ids when the
+    model's tokenizer has a chat template, else DEMO_PROMPTS as text."""
+    from transformers import AutoTokenizer
+
+    from pagedserve.engine.default_model import ensure_default_model
+
+    # The default model is converted here (once) rather than in the server, so a missing
+    # package fails with its install command before a server starts.
+    model = model or ensure_default_model()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return [(prompt, prompt) for prompt in DEMO_PROMPTS]
+    prompts = []
+    for question in DEMO_QUESTIONS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                            tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        prompts.append((question, [int(i) for i in ids]))
+    return prompts
+
+
+def _stream(address: str, prompts: list[tuple[str, str | list[int]]],
+            max_tokens: int) -> list[dict]:
     from pagedserve.client import Client, StreamDelta
 
     records = []
     with Client(address, timeout=120) as client:
-        for prompt in prompts:
+        for prompt, sent in prompts:
             start = time.perf_counter()
             arrivals, text, tokens = [], [], 0
-            stream = client.generate_stream(prompt, max_tokens=max_tokens, temperature=0.8,
+            # Greedy: a 135M model's answers stay on topic only at low temperature.
+            stream = client.generate_stream(sent, max_tokens=max_tokens, temperature=0.0,
                                             seed=len(records))
             print(f"{prompt!r} -> ", end="", flush=True)
             for event in stream:
@@ -74,9 +109,10 @@ def _stream(address: str, prompts: list[str], max_tokens: int) -> list[dict]:
 
 
 def demo(args: argparse.Namespace) -> int:
+    prompts = _demo_prompts(args.model)
     server, address = _start_server(args)
     try:
-        records = _stream(address, DEMO_PROMPTS, args.max_tokens)
+        records = _stream(address, prompts, args.max_tokens)
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -33,6 +33,7 @@ from pagedserve.cluster.coordinator_server import SERVICE as COORDINATOR_SERVICE
 from pagedserve.cluster.coordinator_server import start_coordinator_server
 from pagedserve.cluster.grpc_common import set_serving
 from pagedserve.cluster.placement import ReplicaPlacement, ensure_ray, resolve_device
+from pagedserve.cluster.wire import RequestFailed
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchOutput
 from pagedserve.engine.core import (
@@ -57,7 +58,9 @@ from pagedserve.validation import check_type
 
 logger = logging.getLogger(__name__)
 
-StreamItem = list[SequenceUpdate] | BeamSearchOutput
+
+
+StreamItem = list[SequenceUpdate] | BeamSearchOutput | RequestFailed
 STEP_LOG_SIZE = 4096
 
 
@@ -188,8 +191,9 @@ class Coordinator:
             raise
 
     async def stream(self, subscriber: str) -> AsyncIterator[list[tuple[str, StreamItem]]]:
-        """Per step, the (request id, updates) of every request of `subscriber` that changed;
-        an aborted or failed request ends with an update whose finish_reason is 'abort'."""
+        """Per step, the (request id, item) of every request of `subscriber` that changed: its
+        updates, a beam search's output, or RequestFailed; an aborted request ends with an
+        update whose finish_reason is 'abort'."""
         if subscriber in self._streaming:
             raise InvalidArgument(f"subscriber {subscriber!r} is already streaming")
         self._streaming.add(subscriber)
@@ -330,13 +334,13 @@ class Coordinator:
             queue.put_nowait(_End(error))
 
     def _fail_stream(self, request_id: str, error: BaseException) -> None:
+        """End a request with `error` (its caller sees the error's status, e.g. UNAVAILABLE,
+        and may retry elsewhere), not with a finish reason."""
         stream = self._streams.pop(request_id)
         if stream.queue is not None:
             stream.queue.put_nowait(_End(error))
         else:
-            final = [SequenceUpdate(request_id, index, finish_reason="abort")
-                     for index in range(stream.num_sequences) if index not in stream.finished]
-            self._send(request_id, stream, final)
+            self._send(request_id, stream, RequestFailed(request_id, error))
 
     def _deliver(self, outputs: EngineCoreOutputs) -> None:
         by_request: dict[str, list[SequenceUpdate]] = {}

@@ -19,6 +19,7 @@ from pagedserve.cluster.grpc_common import (
     set_serving,
     status_of,
 )
+from pagedserve.cluster.wire import RequestFailed
 from pagedserve.engine.beam_search import BeamSearchOutput
 from pagedserve.errors import PagedServeError
 from pagedserve.protos.v1 import coordinator_pb2 as cpb
@@ -83,7 +84,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 def _batch_to_proto(batch: list[tuple[str, Any]]) -> cpb.StepBatch:
     message = cpb.StepBatch()
     for _, item in batch:
-        if isinstance(item, BeamSearchOutput):
+        if isinstance(item, RequestFailed):
+            message.failures.append(cpb.RequestFailure(
+                request_id=item.request_id, status=status_of(item.error).name,
+                message=str(item.error)))
+        elif isinstance(item, BeamSearchOutput):
             message.beam_results.append(wire.beam_result_to_proto(item))
         else:
             message.updates.extend(wire.update_to_proto(update) for update in item)

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from pagedserve.cluster import wire
-from pagedserve.cluster.grpc_common import status_of
+from pagedserve.cluster.grpc_common import set_serving, status_of
 from pagedserve.cluster.replica_client import ReplicaClient
 from pagedserve.engine.core import EngineCoreOutputs, EngineCoreRequest, SequenceUpdate
 from pagedserve.engine.limits import ModelLimits
@@ -53,6 +53,14 @@ class _Lost:
         self.error = error
 
 
+class ReplicaError(PagedServeError):
+    """A request failed at its replica; carries the status the coordinator gave."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.grpc_status = status if status in grpc.StatusCode.__members__ else "INTERNAL"
+
+
 class Gateway(generation_pb2_grpc.GenerationServicer):
     """The Generation service over `replicas` (ReplicaClient, started by `start`)."""
 
@@ -73,6 +81,9 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.limits: ModelLimits | None = None
         self.model_info: pb.ModelInfo | None = None
         self._eos_token_ids: frozenset[int] = frozenset()
+        self.health = None
+        """The server's health servicer: NOT_SERVING once no replica is up (set by whoever
+        serves this gateway)."""
 
     async def start(self) -> None:
         for replica in self.replicas:
@@ -101,6 +112,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             self._put(output.request_id, output)
         for beam in beams:
             self._put(beam.request_id, self.outputs.finish_beam_search(beam))
+        for failure in batch.failures:
+            self._put(failure.request_id, _Lost(ReplicaError(failure.status, failure.message)))
         if stops:
             sequence_ids = [sequence_id for sequence_id, _ in stops]
             asyncio.ensure_future(self._abort_quietly(replica, sequence_ids))
@@ -115,6 +128,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         for request_id, owner in list(self._owner.items()):
             if owner is replica:
                 self._put(request_id, lost)
+        if self.health is not None and not any(r.up for r in self.replicas):
+            asyncio.ensure_future(set_serving(self.health, [SERVICE], False))
 
     @staticmethod
     async def _abort_quietly(replica: ReplicaClient, request_ids: list[str]) -> None:

@@ -114,6 +114,7 @@ class Server:
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         generation_pb2_grpc.add_GenerationServicer_to_server(self.gateway, self.server)
         health = add_health_and_reflection(self.server, [GATEWAY_SERVICE])
+        self.gateway.health = health
         target = f"{options.host}:{options.port}"
         port = self.server.add_secure_port(target, credentials) if credentials \
             else self.server.add_insecure_port(target)

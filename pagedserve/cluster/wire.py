@@ -7,6 +7,8 @@ optional fields take SamplingParams' defaults.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pagedserve.engine.beam_search import BeamSearchOutput, BeamSequence
 from pagedserve.engine.core import EngineCoreRequest, SequenceUpdate
 from pagedserve.protos.v1 import coordinator_pb2 as cpb
@@ -18,6 +20,14 @@ _OPTIONAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "repetition
                       "presence_penalty", "frequency_penalty", "seed", "max_tokens",
                       "logprobs", "prompt_logprobs", "skip_special_tokens")
 _PLAIN_SAMPLING = ("min_tokens", "include_stop_str_in_output", "ignore_eos")
+
+@dataclass
+class RequestFailed:
+    """A request that ended with an error instead of a result (its replica failed)."""
+
+    request_id: str
+    error: BaseException
+
 
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                   "abort": pb.FINISH_REASON_ABORT}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pagedserve.cli_serve import READY_PREFIX
+from pagedserve.engine.default_model import ensure_tiny_test_model
 
 
 def _children() -> dict[int, list[int]]:
@@ -53,8 +54,12 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_on_a_signal_and_leaves_no_process(signum, tmp_path):
     env = {**os.environ, "PAGEDSERVE_CACHE": str(tmp_path / "cache")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PAGEDSERVE_CACHE", env["PAGEDSERVE_CACHE"])
+        model = ensure_tiny_test_model()
     server = subprocess.Popen([sys.executable, "-m", "pagedserve", "serve", "--port", "0",
-                               "--device", "cpu"], stdout=subprocess.PIPE, text=True, env=env)
+                               "--device", "cpu", "--model", model],
+                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = server.stdout.readline()
         while line and not line.startswith(READY_PREFIX):

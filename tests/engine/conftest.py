@@ -42,11 +42,19 @@ def hf() -> HFReference:
 
 
 @pytest.fixture(scope="session")
-def default_model_llm(tmp_path_factory: pytest.TempPathFactory):
-    """`LLM()` (the embedded default model) created under a temporary PAGEDSERVE_CACHE."""
-    from pagedserve.llm import LLM
+def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny byte-level test model (one token per byte, random weights), written under a
+    temporary PAGEDSERVE_CACHE: a fast model with a tokenizer and a chat template."""
+    from pagedserve.engine.default_model import ensure_tiny_test_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PAGEDSERVE_CACHE", str(tmp_path_factory.mktemp("pagedserve-cache")))
-        llm = LLM(device="cpu")
-        yield llm
+        return ensure_tiny_test_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_llm(tiny_text_model: str):
+    """An `LLM` of the tiny byte-level test model, on CPU."""
+    from pagedserve.llm import LLM
+
+    return LLM(model=tiny_text_model, device="cpu")

@@ -1,4 +1,4 @@
-"""Incremental detokenization with the default model's byte-level tokenizer: multi-byte
+"""Incremental detokenization with the tiny test model's byte-level tokenizer: multi-byte
 characters split over tokens, stop strings across token boundaries."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ TEXT = "héllo wörld 😀 — naïve ✓ end"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model_llm):
-    return default_model_llm.get_tokenizer()
+def tokenizer(tiny_text_llm):
+    return tiny_text_llm.get_tokenizer()
 
 
 def push_all(tokenizer, text, stop=None, include=False, prompt="ab"):

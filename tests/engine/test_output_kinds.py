@@ -21,8 +21,8 @@ def _params(kind: str, **kwargs) -> SamplingParams:
 
 
 @pytest.fixture()
-def engine(default_model_llm):
-    return default_model_llm.engine
+def engine(tiny_text_llm):
+    return tiny_text_llm.engine
 
 
 def _run(engine, kind: str, **kwargs) -> list:

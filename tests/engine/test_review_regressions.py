@@ -80,8 +80,8 @@ def test_a_context_cut_and_a_failed_step_still_report_every_request(checkpoint, 
     assert_no_leaks(llm)
 
 
-def test_prompt_logprobs_come_once_in_delta_mode(default_model_llm):
-    engine = default_model_llm.engine
+def test_prompt_logprobs_come_once_in_delta_mode(tiny_text_llm):
+    engine = tiny_text_llm.engine
     engine.add_request("d", "The cat sat", SamplingParams(max_tokens=5, prompt_logprobs=1,
                                                           output_kind="delta"))
     deltas = []
@@ -93,14 +93,14 @@ def test_prompt_logprobs_come_once_in_delta_mode(default_model_llm):
 
 
 @pytest.mark.parametrize("include", [False, True])
-def test_the_text_of_a_stop_token_is_left_out_unless_asked_for(default_model_llm, include):
-    tokenizer = default_model_llm.get_tokenizer()
-    (full,) = default_model_llm.generate("Hi", SamplingParams(temperature=0, max_tokens=8),
-                                         use_tqdm=False)
+def test_the_text_of_a_stop_token_is_left_out_unless_asked_for(tiny_text_llm, include):
+    tokenizer = tiny_text_llm.get_tokenizer()
+    (full,) = tiny_text_llm.generate("Hi", SamplingParams(temperature=0, max_tokens=8),
+                                     use_tqdm=False)
     stop_token = full.outputs[0].token_ids[3]
     params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_token],
                             include_stop_str_in_output=include)
-    (stopped,) = default_model_llm.generate("Hi", params, use_tqdm=False)
+    (stopped,) = tiny_text_llm.generate("Hi", params, use_tqdm=False)
     completion = stopped.outputs[0]
     assert completion.token_ids == full.outputs[0].token_ids[:4]
     assert completion.finish_reason == "stop" and completion.stop_reason == stop_token

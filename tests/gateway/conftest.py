@@ -80,8 +80,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 def default_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The embedded default model (byte-level tokenizer), written under a temporary
     PAGEDSERVE_CACHE."""
-    from pagedserve.engine.default_model import ensure_default_model
+    from pagedserve.engine.default_model import ensure_tiny_test_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PAGEDSERVE_CACHE", str(tmp_path_factory.mktemp("pagedserve-cache")))
-        return ensure_default_model()
+        return ensure_tiny_test_model()

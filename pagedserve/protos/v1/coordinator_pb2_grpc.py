@@ -66,8 +66,8 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def AddRequests(self, request, context):
-        """Queue requests (all checked first; a refused one fails the call with its status and
-        nothing of the call is queued).
+        """Queue requests, in order; a refused one fails the call with its status, and those of the
+        call queued before it are aborted (their updates end with finish reason ABORT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
