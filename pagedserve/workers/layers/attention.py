@@ -2,24 +2,18 @@
 
 Per layer: store this step's K/V into their cache slots, then attend each query token to its
 sequence's cached context through the block table. The Triton kernels run on CUDA tensors; on
-CPU, torch code with the same contract: the reference K/V write and the batched CPU attention,
-whose host-side plan (key slots, masks) is made once per step and shared by every layer.
+CPU the torch reference implementations (same contract) run instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pagedserve.kernels.cache_ops import write_kv, write_kv_reference
-from pagedserve.kernels.paged_attention import (
-    CpuAttentionPlan,
-    paged_attention,
-    paged_attention_cpu,
-    plan_cpu_attention,
-)
+from pagedserve.kernels.paged_attention import paged_attention, paged_attention_reference
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 """(key_cache, value_cache) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
@@ -35,8 +29,6 @@ class AttentionMetadata:
     query_start_loc: int32 [num_seqs + 1], prefix sums of the per-sequence query lengths.
     seq_lens: int32 [num_seqs], context length including this step's tokens.
     max_query_len / max_seq_len: host-side maxima of the two (for kernel launch configuration).
-    cpu_plans: CPU attention plans of this step by (block size, sliding window), made by the
-        first layer that needs one (CPU only; never moved by `to`).
     """
 
     slot_mapping: torch.Tensor
@@ -45,18 +37,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    cpu_plans: dict[tuple[int, int | None], CpuAttentionPlan] = field(
-        default_factory=dict, repr=False, compare=False)
-
-    def cpu_plan(self, block_size: int, sliding_window: int | None) -> CpuAttentionPlan:
-        """The step's CPU attention plan for this block size and window (made once)."""
-        key = (block_size, sliding_window)
-        plan = self.cpu_plans.get(key)
-        if plan is None:
-            plan = self.cpu_plans[key] = plan_cpu_attention(
-                self.block_tables, self.query_start_loc, self.seq_lens, block_size=block_size,
-                sliding_window=sliding_window)
-        return plan
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
         """The same metadata with every tensor moved to `device` (non-blocking)."""
@@ -86,13 +66,13 @@ class Attention(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> output [T, heads * head_dim]."""
         key_cache, value_cache = kv_cache
-        args = (q, key_cache, value_cache, metadata.block_tables, metadata.query_start_loc,
-                metadata.seq_lens)
-        kwargs = dict(scale=self.scale, max_query_len=metadata.max_query_len,
-                      max_seq_len=metadata.max_seq_len, sliding_window=self.sliding_window)
-        if q.is_cuda:
-            write_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
-            return paged_attention(*args, **kwargs).flatten(1)
-        write_kv_reference(k, v, key_cache, value_cache, metadata.slot_mapping)
-        plan = metadata.cpu_plan(key_cache.shape[1], self.sliding_window)
-        return paged_attention_cpu(*args, **kwargs, plan=plan).flatten(1)
+        on_gpu = q.is_cuda
+        (write_kv if on_gpu else write_kv_reference)(
+            k, v, key_cache, value_cache, metadata.slot_mapping)
+        attend = paged_attention if on_gpu else paged_attention_reference
+        out = attend(
+            q, key_cache, value_cache, metadata.block_tables, metadata.query_start_loc,
+            metadata.seq_lens, scale=self.scale, max_query_len=metadata.max_query_len,
+            max_seq_len=metadata.max_seq_len, sliding_window=self.sliding_window,
+        )
+        return out.flatten(1)
