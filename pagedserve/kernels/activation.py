@@ -15,8 +15,12 @@ the GPU ``exp`` is Triton's fast one, a few fp32 ulps from CUDA's ``expf``.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedserve.kernels.checks import HAS_TRITON, require_triton
+
+if HAS_TRITON:  # optional (see checks.py): without it only the torch code here is defined
+    import triton
+    import triton.language as tl
 
 __all__ = ["silu_and_mul", "silu_and_mul_reference"]
 
@@ -46,31 +50,33 @@ def silu_and_mul_reference(x: torch.Tensor, out: torch.Tensor | None = None) -> 
     return result if out is None else out.copy_(result)
 
 
-@triton.jit
-def _silu_and_mul_kernel(
-    x_ptr,
-    out_ptr,
-    stride_x_row,
-    stride_x_col,
-    stride_out_row,
-    stride_out_col,
-    intermediate,
-    BLOCK: tl.constexpr,
-):
-    # Program (row, b) produces out[row, b * BLOCK : (b + 1) * BLOCK].
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < intermediate
-    gate_ptrs = x_ptr + row * stride_x_row + cols * stride_x_col
-    gate = tl.load(gate_ptrs, mask=in_row, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptrs + intermediate * stride_x_col, mask=in_row, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
-    out = silu.to(tl.float32) * up.to(tl.float32)
-    tl.store(
-        out_ptr + row * stride_out_row + cols * stride_out_col,
-        out.to(out_ptr.dtype.element_ty),
-        mask=in_row,
-    )
+if HAS_TRITON:
+
+    @triton.jit
+    def _silu_and_mul_kernel(
+        x_ptr,
+        out_ptr,
+        stride_x_row,
+        stride_x_col,
+        stride_out_row,
+        stride_out_col,
+        intermediate,
+        BLOCK: tl.constexpr,
+    ):
+        # Program (row, b) produces out[row, b * BLOCK : (b + 1) * BLOCK].
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        in_row = cols < intermediate
+        gate_ptrs = x_ptr + row * stride_x_row + cols * stride_x_col
+        gate = tl.load(gate_ptrs, mask=in_row, other=0.0).to(tl.float32)
+        up = tl.load(gate_ptrs + intermediate * stride_x_col, mask=in_row, other=0.0)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
+        out = silu.to(tl.float32) * up.to(tl.float32)
+        tl.store(
+            out_ptr + row * stride_out_row + cols * stride_out_col,
+            out.to(out_ptr.dtype.element_ty),
+            mask=in_row,
+        )
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +86,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     given; it must flatten to ``[rows, I]`` without a copy and must not overlap ``x``. No host
     synchronisation (CUDA-graph safe).
     """
+    require_triton("silu_and_mul")
     _validate_silu_and_mul_args(x, out)
     intermediate = x.shape[-1] // 2
     if out is None:

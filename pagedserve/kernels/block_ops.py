@@ -10,15 +10,17 @@ as sources in the same call (the pairs run in parallel).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from pagedserve.kernels.checks import HAS_TRITON, require_triton
+
+if HAS_TRITON:  # optional (see checks.py): without it only the torch code here is defined
+    import triton
+    import triton.language as tl
 
 __all__ = ["copy_blocks", "copy_blocks_reference", "swap_blocks", "swap_blocks_reference"]
 
 # Elements each program moves per loop step (a 16 KiB-64 KiB run per step at 2-8 bytes each).
 _COPY_CHUNK = 8192
-# Integer types of each element size: the copy moves bits, so any cache dtype (fp8 too) works.
-_BITS_BY_ELEMENT_SIZE = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
 # Largest staging buffer one swap transfer uses (on the GPU and pinned on the host).
 _MAX_STAGING_BYTES = 128 * 2**20
 
@@ -75,24 +77,31 @@ def copy_blocks_reference(
         cache[mapping[:, 1]] = cache[mapping[:, 0]]
 
 
-@triton.jit
-def _copy_blocks_kernel(
-    cache_addresses_ptr,  # int64 [num_caches]: base address of every layer's K and V cache
-    block_mapping_ptr,  # [n, 2] (src, dst)
-    stride_cache_block,  # elements between consecutive blocks
-    block_numel,  # elements in one block
-    ELEMENT_TYPE: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    pair = tl.program_id(0).to(tl.int64)
-    cache = tl.program_id(1)
-    base = tl.load(cache_addresses_ptr + cache).to(tl.pointer_type(ELEMENT_TYPE))
-    src = tl.load(block_mapping_ptr + 2 * pair).to(tl.int64) * stride_cache_block
-    dst = tl.load(block_mapping_ptr + 2 * pair + 1).to(tl.int64) * stride_cache_block
-    for start in range(0, block_numel, CHUNK):
-        offsets = start + tl.arange(0, CHUNK)
-        in_block = offsets < block_numel
-        tl.store(base + dst + offsets, tl.load(base + src + offsets, mask=in_block), mask=in_block)
+if HAS_TRITON:
+    # Integer types of each element size: the copy moves bits, so any cache dtype (fp8 too)
+    # works.
+    _BITS_BY_ELEMENT_SIZE = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+
+    @triton.jit
+    def _copy_blocks_kernel(
+        cache_addresses_ptr,  # int64 [num_caches]: base address of every layer's K and V cache
+        block_mapping_ptr,  # [n, 2] (src, dst)
+        stride_cache_block,  # elements between consecutive blocks
+        block_numel,  # elements in one block
+        ELEMENT_TYPE: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        pair = tl.program_id(0).to(tl.int64)
+        cache = tl.program_id(1)
+        base = tl.load(cache_addresses_ptr + cache).to(tl.pointer_type(ELEMENT_TYPE))
+        src = tl.load(block_mapping_ptr + 2 * pair).to(tl.int64) * stride_cache_block
+        dst = tl.load(block_mapping_ptr + 2 * pair + 1).to(tl.int64) * stride_cache_block
+        for start in range(0, block_numel, CHUNK):
+            offsets = start + tl.arange(0, CHUNK)
+            in_block = offsets < block_numel
+            tl.store(
+                base + dst + offsets, tl.load(base + src + offsets, mask=in_block), mask=in_block
+            )
 
 
 class _AddressTable:
@@ -122,6 +131,7 @@ def copy_blocks(
 
     ``block_mapping`` is int64 ``[n, 2]``; it is moved to the caches' device if needed.
     """
+    require_triton("copy_blocks")
     _check_layer_caches(key_caches, value_caches)
     _check_block_mapping(block_mapping)
     caches = [*key_caches, *value_caches]

@@ -19,10 +19,12 @@ key and value are not stored.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from pagedserve.kernels.checks import check_same_device
+from pagedserve.kernels.checks import HAS_TRITON, check_same_device, require_triton
+
+if HAS_TRITON:  # optional (see checks.py): without it only the torch code here is defined
+    import triton
+    import triton.language as tl
 
 __all__ = ["write_kv", "write_kv_reference"]
 
@@ -77,68 +79,73 @@ def write_kv_reference(
     value_cache[blocks, offsets] = value[keep]
 
 
-@triton.jit
-def _write_kv_kernel(
-    key_ptr,
-    value_ptr,
-    key_cache_ptr,
-    value_cache_ptr,
-    slot_mapping_ptr,
-    stride_key_token,
-    stride_key_head,
-    stride_key_dim,
-    stride_value_token,
-    stride_value_head,
-    stride_value_dim,
-    stride_key_cache_block,
-    stride_key_cache_offset,
-    stride_key_cache_head,
-    stride_key_cache_dim,
-    stride_value_cache_block,
-    stride_value_cache_offset,
-    stride_value_cache_head,
-    stride_value_cache_dim,
-    head_dim,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-):
-    # One program stores one (token, kv head) row of keys and of values.
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token
-        return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    in_dim = dims < head_dim
+if HAS_TRITON:
 
-    key = tl.load(
-        key_ptr + token * stride_key_token + head * stride_key_head + dims * stride_key_dim,
-        mask=in_dim,
-    )
-    tl.store(
-        key_cache_ptr
-        + block * stride_key_cache_block
-        + offset * stride_key_cache_offset
-        + head * stride_key_cache_head
-        + dims * stride_key_cache_dim,
-        key,
-        mask=in_dim,
-    )
-    value = tl.load(
-        value_ptr + token * stride_value_token + head * stride_value_head + dims * stride_value_dim,
-        mask=in_dim,
-    )
-    tl.store(
-        value_cache_ptr
-        + block * stride_value_cache_block
-        + offset * stride_value_cache_offset
-        + head * stride_value_cache_head
-        + dims * stride_value_cache_dim,
-        value,
-        mask=in_dim,
-    )
+    @triton.jit
+    def _write_kv_kernel(
+        key_ptr,
+        value_ptr,
+        key_cache_ptr,
+        value_cache_ptr,
+        slot_mapping_ptr,
+        stride_key_token,
+        stride_key_head,
+        stride_key_dim,
+        stride_value_token,
+        stride_value_head,
+        stride_value_dim,
+        stride_key_cache_block,
+        stride_key_cache_offset,
+        stride_key_cache_head,
+        stride_key_cache_dim,
+        stride_value_cache_block,
+        stride_value_cache_offset,
+        stride_value_cache_head,
+        stride_value_cache_dim,
+        head_dim,
+        BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+    ):
+        # One program stores one (token, kv head) row of keys and of values.
+        token = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot < 0:  # padding token
+            return
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        dims = tl.arange(0, HEAD_DIM_PAD)
+        in_dim = dims < head_dim
+
+        key = tl.load(
+            key_ptr + token * stride_key_token + head * stride_key_head + dims * stride_key_dim,
+            mask=in_dim,
+        )
+        tl.store(
+            key_cache_ptr
+            + block * stride_key_cache_block
+            + offset * stride_key_cache_offset
+            + head * stride_key_cache_head
+            + dims * stride_key_cache_dim,
+            key,
+            mask=in_dim,
+        )
+        value = tl.load(
+            value_ptr
+            + token * stride_value_token
+            + head * stride_value_head
+            + dims * stride_value_dim,
+            mask=in_dim,
+        )
+        tl.store(
+            value_cache_ptr
+            + block * stride_value_cache_block
+            + offset * stride_value_cache_offset
+            + head * stride_value_cache_head
+            + dims * stride_value_cache_dim,
+            value,
+            mask=in_dim,
+        )
 
 
 def write_kv(
@@ -155,6 +162,7 @@ def write_kv(
     skips the token. Slots must be distinct (two tokens writing one slot is a race). No host
     synchronisation, so it can be captured in a CUDA graph.
     """
+    require_triton("write_kv")
     _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:

@@ -25,10 +25,12 @@ reads its whole row before writing). ``out`` must not overlap ``residual`` or ``
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from pagedserve.kernels.checks import check_same_device
+from pagedserve.kernels.checks import HAS_TRITON, check_same_device, require_triton
+
+if HAS_TRITON:  # optional (see checks.py): without it only the torch code here is defined
+    import triton
+    import triton.language as tl
 
 __all__ = ["MAX_HIDDEN_SIZE", "rms_norm", "rms_norm_reference"]
 
@@ -88,44 +90,46 @@ def rms_norm_reference(
     return normed if residual is None else (normed, residual)
 
 
-@triton.jit
-def _rms_norm_kernel(
-    x_ptr,
-    residual_ptr,
-    weight_ptr,
-    out_ptr,
-    stride_x_row,
-    stride_x_col,
-    stride_residual_row,
-    stride_residual_col,
-    stride_out_row,
-    stride_out_col,
-    hidden,
-    eps,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # One program normalises one row; the whole row stays in registers.
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    in_row = cols < hidden
-    x = tl.load(x_ptr + row * stride_x_row + cols * stride_x_col, mask=in_row, other=0.0)
-    if HAS_RESIDUAL:
-        residual_ptrs = residual_ptr + row * stride_residual_row + cols * stride_residual_col
-        residual = tl.load(residual_ptrs, mask=in_row, other=0.0)
-        # torch adds in fp32 and rounds once to the input dtype; do the same.
-        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(residual_ptrs, x, mask=in_row)
-    x32 = x.to(tl.float32)
-    mean_square = tl.sum(x32 * x32, axis=0) / hidden
-    normed = (x32 * tl.math.rsqrt(mean_square + eps)).to(x_ptr.dtype.element_ty)
-    weight = tl.load(weight_ptr + cols, mask=in_row, other=0.0)
-    out = weight.to(tl.float32) * normed.to(tl.float32)
-    tl.store(
-        out_ptr + row * stride_out_row + cols * stride_out_col,
-        out.to(out_ptr.dtype.element_ty),
-        mask=in_row,
-    )
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr,
+        residual_ptr,
+        weight_ptr,
+        out_ptr,
+        stride_x_row,
+        stride_x_col,
+        stride_residual_row,
+        stride_residual_col,
+        stride_out_row,
+        stride_out_col,
+        hidden,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One program normalises one row; the whole row stays in registers.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        in_row = cols < hidden
+        x = tl.load(x_ptr + row * stride_x_row + cols * stride_x_col, mask=in_row, other=0.0)
+        if HAS_RESIDUAL:
+            residual_ptrs = residual_ptr + row * stride_residual_row + cols * stride_residual_col
+            residual = tl.load(residual_ptrs, mask=in_row, other=0.0)
+            # torch adds in fp32 and rounds once to the input dtype; do the same.
+            x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(residual_ptrs, x, mask=in_row)
+        x32 = x.to(tl.float32)
+        mean_square = tl.sum(x32 * x32, axis=0) / hidden
+        normed = (x32 * tl.math.rsqrt(mean_square + eps)).to(x_ptr.dtype.element_ty)
+        weight = tl.load(weight_ptr + cols, mask=in_row, other=0.0)
+        out = weight.to(tl.float32) * normed.to(tl.float32)
+        tl.store(
+            out_ptr + row * stride_out_row + cols * stride_out_col,
+            out.to(out_ptr.dtype.element_ty),
+            mask=in_row,
+        )
 
 
 def _as_rows(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -155,6 +159,7 @@ def rms_norm(
     overlap ``residual`` or ``weight``. Tensors may have any row stride; the residual and ``out``
     must flatten to ``[rows, hidden]`` without a copy. No host synchronisation (CUDA-graph safe).
     """
+    require_triton("rms_norm")
     _validate_rms_norm_args(x, weight, eps, residual, out)
     hidden = x.shape[-1]
     if hidden > MAX_HIDDEN_SIZE:

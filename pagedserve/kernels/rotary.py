@@ -23,10 +23,12 @@ Positions are not range-checked (that would need a host sync): each must be in
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from pagedserve.kernels.checks import check_same_device
+from pagedserve.kernels.checks import HAS_TRITON, check_same_device, require_triton
+
+if HAS_TRITON:  # optional (see checks.py): without it only the torch code here is defined
+    import triton
+    import triton.language as tl
 
 __all__ = ["apply_rotary", "apply_rotary_reference"]
 
@@ -81,55 +83,57 @@ def apply_rotary_reference(
     return q, k
 
 
-@triton.jit
-def _rotary_kernel(
-    positions_ptr,
-    q_ptr,
-    k_ptr,
-    cos_sin_ptr,
-    stride_q_token,
-    stride_q_head,
-    stride_k_token,
-    stride_k_head,
-    stride_cos_sin_position,
-    num_q_heads,
-    num_k_heads,
-    num_q_head_blocks,
-    HALF_DIM: tl.constexpr,
-    HALF_DIM_PAD: tl.constexpr,
-    BLOCK_HEADS: tl.constexpr,
-):
-    # Program (token, b) rotates BLOCK_HEADS heads of q (b < num_q_head_blocks) or of k.
-    token = tl.program_id(0).to(tl.int64)
-    head_block = tl.program_id(1)
-    if head_block < num_q_head_blocks:
-        base = q_ptr + token * stride_q_token
-        stride_head = stride_q_head
-        num_heads = num_q_heads
-        first_head = head_block * BLOCK_HEADS
-    else:
-        base = k_ptr + token * stride_k_token
-        stride_head = stride_k_head
-        num_heads = num_k_heads
-        first_head = (head_block - num_q_head_blocks) * BLOCK_HEADS
+if HAS_TRITON:
 
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF_DIM_PAD)
-    in_dim = dims < HALF_DIM
-    cos_sin_row = cos_sin_ptr + position * stride_cos_sin_position
-    cos = tl.load(cos_sin_row + dims, mask=in_dim, other=0.0)[None, :]
-    sin = tl.load(cos_sin_row + HALF_DIM + dims, mask=in_dim, other=0.0)[None, :]
+    @triton.jit
+    def _rotary_kernel(
+        positions_ptr,
+        q_ptr,
+        k_ptr,
+        cos_sin_ptr,
+        stride_q_token,
+        stride_q_head,
+        stride_k_token,
+        stride_k_head,
+        stride_cos_sin_position,
+        num_q_heads,
+        num_k_heads,
+        num_q_head_blocks,
+        HALF_DIM: tl.constexpr,
+        HALF_DIM_PAD: tl.constexpr,
+        BLOCK_HEADS: tl.constexpr,
+    ):
+        # Program (token, b) rotates BLOCK_HEADS heads of q (b < num_q_head_blocks) or of k.
+        token = tl.program_id(0).to(tl.int64)
+        head_block = tl.program_id(1)
+        if head_block < num_q_head_blocks:
+            base = q_ptr + token * stride_q_token
+            stride_head = stride_q_head
+            num_heads = num_q_heads
+            first_head = head_block * BLOCK_HEADS
+        else:
+            base = k_ptr + token * stride_k_token
+            stride_head = stride_k_head
+            num_heads = num_k_heads
+            first_head = (head_block - num_q_head_blocks) * BLOCK_HEADS
 
-    heads = first_head + tl.arange(0, BLOCK_HEADS)
-    mask = (heads < num_heads)[:, None] & in_dim[None, :]
-    first_half = base + heads.to(tl.int64)[:, None] * stride_head + dims[None, :]
-    second_half = first_half + HALF_DIM
-    x1 = tl.load(first_half, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(second_half, mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
-    tl.store(first_half, out1.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(second_half, out2.to(q_ptr.dtype.element_ty), mask=mask)
+        position = tl.load(positions_ptr + token).to(tl.int64)
+        dims = tl.arange(0, HALF_DIM_PAD)
+        in_dim = dims < HALF_DIM
+        cos_sin_row = cos_sin_ptr + position * stride_cos_sin_position
+        cos = tl.load(cos_sin_row + dims, mask=in_dim, other=0.0)[None, :]
+        sin = tl.load(cos_sin_row + HALF_DIM + dims, mask=in_dim, other=0.0)[None, :]
+
+        heads = first_head + tl.arange(0, BLOCK_HEADS)
+        mask = (heads < num_heads)[:, None] & in_dim[None, :]
+        first_half = base + heads.to(tl.int64)[:, None] * stride_head + dims[None, :]
+        second_half = first_half + HALF_DIM
+        x1 = tl.load(first_half, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(second_half, mask=mask, other=0.0).to(tl.float32)
+        out1 = x1 * cos - x2 * sin
+        out2 = x2 * cos + x1 * sin
+        tl.store(first_half, out1.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(second_half, out2.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def apply_rotary(
@@ -142,6 +146,7 @@ def apply_rotary(
     strided views (token and head strides free, last dim contiguous), e.g. of a fused qkv output,
     and must not overlap each other. No host synchronisation (CUDA-graph safe).
     """
+    require_triton("apply_rotary")
     _validate_rotary_args(positions, q, k, cos_sin_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]

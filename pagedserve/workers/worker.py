@@ -21,6 +21,7 @@ from pagedserve.errors import ResourceExhausted
 from pagedserve.scheduler.output import SchedulerOutput, StepResult
 from pagedserve.workers.host_resources import available_host_memory, choose_cpu_threads
 from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
+from pagedserve.workers.layers.linear import pack_weights_for_cpu
 from pagedserve.workers.layers.parallel import init_tensor_parallel
 from pagedserve.workers.model_runner import ModelRunner
 from pagedserve.workers.models.loader import (
@@ -112,6 +113,10 @@ class Worker:
             seed=config.seed,
         )
         self.model.eval()
+        if self.device.type == "cpu":
+            packed = pack_weights_for_cpu(self.model)
+            logger.info("rank %d: %.2f GiB of weights prepacked for CPU matmuls", self.rank,
+                        packed / GIB)
 
     def describe(self) -> dict[str, Any]:
         """What the engine core needs to know of this rank's model, as plain data."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.workers.layers.linear import linear, packed_weight_for
 from pagedserve.workers.layers.parallel import TensorParallelGroup
 from pagedserve.workers.layers.weight_utils import LoadedWeight, check_shape, read_range
 
@@ -65,9 +66,12 @@ class ParallelLMHead(VocabParallelEmbedding):
                  tp: TensorParallelGroup = _SINGLE_RANK, gather_to_all_ranks: bool = False) -> None:
         super().__init__(vocab_size, hidden_size, tp)
         self.gather_to_all_ranks = gather_to_all_ranks
+        # (source weight, oneDNN copy) on CPU; see linear.pack_weights_for_cpu. With tied
+        # embeddings the source is the embedding's weight, which the lookup keeps using.
+        self.packed_weight = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, None, packed_weight_for(self))
         if self.tp.size == 1:
             return logits
         if self.gather_to_all_ranks:

@@ -6,24 +6,106 @@ followed by a row layer (q/k/v -> o, gate/up -> down) therefore costs one all-re
 
 Each parameter carries `weight_loader(param, loaded_weight, shard_id=None)` that receives the
 FULL checkpoint tensor (or a lazy safetensors slice of it) and copies this rank's part.
+
+On CPU, `pack_weights_for_cpu` (called by the worker once the weights are loaded) gives each
+large fp32 (or bf16) layer a copy of its weight prepacked for oneDNN: at decode-sized inputs
+(4-128 rows) that matmul is about 1.4x faster than `F.linear` at one thread (SmolLM2-135M's 30
+layers at 16 rows: 52 vs 76 ms in fp32, 22 vs 31 ms in bf16, measured). Other row counts, and
+small weights (where oneDNN's per-call cost outweighs the gain: a 2-layer 128-wide model got
+slower), stay on `F.linear`.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.workers.host_resources import available_host_memory
 from pagedserve.workers.layers.parallel import TensorParallelGroup, divide_exactly, valid_tp_sizes
 from pagedserve.workers.layers.weight_utils import LoadedWeight, check_shape, read_all, read_range
 
 _SINGLE_RANK = TensorParallelGroup()
+# Input rows that use the prepacked weight: below, F.linear's gemv-like path is faster; above,
+# both are compute-bound and equal (946 rows: 1.06 vs 1.09 s for SmolLM2's layers).
+CPU_PACKED_MIN_ROWS = 4
+CPU_PACKED_MAX_ROWS = 128
+# Smallest weight (elements) worth packing; SmolLM2-135M's smallest, o_proj, has 331776.
+CPU_PACKED_MIN_ELEMENTS = 1 << 18
+_PACKED_DTYPES = (torch.float32, torch.bfloat16)
+# Packing copies the weights, so it is skipped when the copy would take more than this share
+# of the host memory still available.
+_CPU_PACKING_MEMORY_SHARE = 0.25
+
+logger = logging.getLogger(__name__)
 
 
 def _parameter(*shape: int, loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
     param.weight_loader = loader
     return param
+
+
+@functools.cache
+def cpu_packing_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (x86 and Arm builds do)."""
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed_weight: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through `packed_weight` (oneDNN's copy of `weight`) when
+    there is one and `x` has enough rows to gain from it."""
+    if (packed_weight is not None and x.dim() == 2
+            and CPU_PACKED_MIN_ROWS <= x.shape[0] <= CPU_PACKED_MAX_ROWS):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight, bias, "none",
+                                                  [], "")
+    return F.linear(x, weight, bias)
+
+
+def pack_weights_for_cpu(model: nn.Module) -> int:
+    """Give every fp32 or bf16 CPU layer of `model` that has a `packed_weight` slot and at least
+    `CPU_PACKED_MIN_ELEMENTS` weights a oneDNN-prepacked copy of its weight; returns the bytes
+    packed (0 when oneDNN is missing or the copies would not fit comfortably in host memory).
+
+    The copies are a snapshot: call this once the weights are final (the worker does, after
+    loading) and not again after changing weights in place. A layer whose weight is moved off
+    the CPU or changes dtype stops using its copy (see `packed_weight_for`).
+    """
+    if not cpu_packing_available():
+        return 0
+    layers = [module for module in model.modules() if hasattr(module, "packed_weight")
+              and module.weight.device.type == "cpu" and module.weight.dtype in _PACKED_DTYPES
+              and module.weight.numel() >= CPU_PACKED_MIN_ELEMENTS]
+    total = sum(module.weight.numel() * module.weight.element_size() for module in layers)
+    host = available_host_memory()
+    if host is not None and total > _CPU_PACKING_MEMORY_SHARE * host:
+        logger.info("not prepacking %.2f GiB of CPU weights: %.2f GiB of host memory available",
+                    total / 2**30, host / 2**30)
+        return 0
+    with torch.no_grad():
+        for module in layers:
+            module.packed_weight = (module.weight,
+                                    torch.ops.mkldnn._reorder_linear_weight(module.weight, None))
+    return total
+
+
+def packed_weight_for(module: nn.Module) -> torch.Tensor | None:
+    """`module`'s prepacked weight, if it has one and it was packed from its current weight."""
+    packed = module.packed_weight
+    if packed is None:
+        return None
+    source, weight = packed
+    current = module.weight
+    if (source is not current or current.device.type != "cpu"
+            or current.dtype not in _PACKED_DTYPES):
+        return None
+    return weight
 
 
 class ColumnParallelLinear(nn.Module):
@@ -38,6 +120,7 @@ class ColumnParallelLinear(nn.Module):
         rows = self.output_size_per_rank
         self.weight = _parameter(rows, input_size, loader=self.weight_loader)
         self.bias = _parameter(rows, loader=self.weight_loader) if bias else None
+        self.packed_weight = None  # (source weight, oneDNN copy): see pack_weights_for_cpu
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight,
                       shard_id: object = None) -> None:
@@ -47,7 +130,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(read_range(loaded_weight, 0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, packed_weight_for(self))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -127,6 +210,7 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_rank = divide_exactly(input_size, tp.size, "input_size")
         self.weight = _parameter(output_size, self.input_size_per_rank, loader=self.weight_loader)
         self.bias = _parameter(output_size, loader=self.weight_loader) if bias else None
+        self.packed_weight = None  # (source weight, oneDNN copy): see pack_weights_for_cpu
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight,
                       shard_id: object = None) -> None:
@@ -140,7 +224,8 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(read_range(loaded_weight, 1, self.tp.rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = packed_weight_for(self)
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias, packed)
+        out = self.tp.all_reduce(linear(x, self.weight, None, packed))
         return out if self.bias is None else out + self.bias
