@@ -85,6 +85,17 @@ class _End:
         self.error = error
 
 
+async def _until_end(queue: asyncio.Queue) -> AsyncIterator[Any]:
+    """The items of a stream's queue up to its _End (raising the _End's error, if any)."""
+    while True:
+        item = await queue.get()
+        if isinstance(item, _End):
+            if item.error is not None:
+                raise item.error
+            return
+        yield item
+
+
 class Coordinator:
     """The actor body; start it with `start_coordinator`. See the module docstring."""
 
@@ -163,12 +174,7 @@ class Coordinator:
         queue: asyncio.Queue = asyncio.Queue()
         self._add(request, _Stream(self._num_sequences(request), queue=queue))
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
-                    return
+            async for item in _until_end(queue):
                 yield item
         finally:
             # The caller went away (or the request ended): nothing may keep its blocks.
@@ -199,12 +205,7 @@ class Coordinator:
         self._streaming.add(subscriber)
         queue = self._subscriber_queue(subscriber)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
-                    return
+            async for item in _until_end(queue):
                 yield item
         finally:
             self._streaming.discard(subscriber)
