@@ -11,6 +11,7 @@ core advances after each step, in the same steps as every other request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -237,11 +238,6 @@ class EngineCore:
 
     # ---- requests in and out --------------------------------------------------------------
 
-    @property
-    def max_sequences_per_request(self) -> int:
-        """Largest n (and beam width): one request may fill a step, never more."""
-        return self.config.max_num_seqs
-
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a request; raises an `errors` class naming the bad field. Nothing is queued
         when it raises."""
@@ -251,7 +247,7 @@ class EngineCore:
         if request_id in self._tracked or request_id in self._beams:
             raise AlreadyExists(f"request id {request_id!r} is already in use")
         token_ids = request.prompt_token_ids
-        self.check_prompt(token_ids)
+        self.limits.check_prompt(token_ids)
         params = request.params
         if isinstance(params, BeamSearchParams):
             self._add_beam_search(request_id, token_ids, params)
@@ -274,16 +270,11 @@ class EngineCore:
                                            cache_salt=request.cache_salt, **kwargs))
         self._tracked[request_id] = _Tracked(params.n)
 
-    def check_prompt(self, token_ids: Any) -> None:
-        self.limits.check_prompt(token_ids)
-
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
-        self.limits.check_length(num_prompt_tokens, max_tokens)
-
     def _warn_if_context_ends_first(self, request_id: str, num_prompt_tokens: int,
                                     max_tokens: int | None) -> None:
         """Offline, a request longer than the context runs until the context ends it (finish
-        reason 'length'); say so up front. The gateway refuses such requests (check_length)."""
+        reason 'length'); say so up front. The gateway refuses such requests
+        (ModelLimits.check_length)."""
         if max_tokens is not None and num_prompt_tokens + max_tokens > self.max_model_len:
             logger.warning("request %s: prompt (%d tokens) + max_tokens (%d) exceeds "
                            "max_model_len (%d); it will end with 'length' after %d tokens",
@@ -508,7 +499,5 @@ class EngineCore:
 
 
 def _with_extra_stops(params: SamplingParams, extra: list[int]) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(params, extra_stop_token_ids=[*params.extra_stop_token_ids,
                                                              *extra])

@@ -247,7 +247,7 @@ def test_abort_one_sequence_before_the_split(checkpoint):
     BeamSearchParams(beam_width=MAX_NUM_SEQS + 1, max_tokens=4),
 ], ids=["n", "beam_width"])
 def test_more_sequences_than_max_num_seqs_are_refused(params, core):
-    assert core.max_sequences_per_request == MAX_NUM_SEQS
+    assert core.limits.max_num_seqs == MAX_NUM_SEQS
     field = "SamplingParams.n" if isinstance(params, SamplingParams) else \
         "BeamSearchParams.beam_width"
     message = f"{field} must be in [1, {MAX_NUM_SEQS}] (max_num_seqs), got {MAX_NUM_SEQS + 1}"
@@ -447,7 +447,7 @@ def test_default_context_shrinks_to_the_pool(checkpoint):
     core = llm.engine.core
     assert core.max_model_len == 8 * 4 == core.scheduler.config.max_model_len
     assert llm.engine.model_info()["max_model_len"] == 32
-    core.check_prompt(list(range(3, 34)))  # 31 tokens: room for one output token
+    core.limits.check_prompt(list(range(3, 34)))  # 31 tokens: room for one output token
     with pytest.raises(InvalidArgument, match=re.escape(
             "prompt has 32 tokens; it must be shorter than max_model_len (32)")):
         core.add_request(EngineCoreRequest("long", list(range(3, 35)), greedy(1)))
