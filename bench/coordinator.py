@@ -7,11 +7,13 @@ process so that one's GPU memory never shadows another's:
 - `inprocess`: `LLM.generate`, the core and its one rank in this process (the peer);
 - `coordinator_graph` / `coordinator_actor`: a coordinator actor (its own process, CPU only,
   torch-free) whose rank is a Ray actor, reached by a Ray Compiled Graph or by one actor task
-  per step; requests are submitted in one call and streamed back batched per step.
+  per step; requests are submitted in one call and streamed back batched per step;
+- `..._sync`: the same with async scheduling off (each step waits for its tokens).
 
-Per step the core records its wall time and rank 0's time inside the step; their difference is
-the control-plane gap (scheduling, dispatch, result transfer, bookkeeping) during which the GPU
-waits. The floor (bench/throughput.py's: prefill FLOPs at the measured matmul rate plus decode
+The rank records CUDA events at the start and end of each step's GPU work; the time between one
+step's end and the next one's start is the GPU gap: the control-plane time (scheduling,
+dispatch, result transfer, bookkeeping) that async scheduling hides behind the running step.
+The floor (bench/throughput.py's: prefill FLOPs at the measured matmul rate plus decode
 bytes at the measured copy bandwidth) comes from a run of the same script.
 
     python bench/coordinator.py --json out/coordinator.json
@@ -42,7 +44,8 @@ from throughput import (  # noqa: E402
     sharegpt_workload,
 )
 
-VARIANTS = ("inprocess", "coordinator_graph", "coordinator_actor")
+VARIANTS = ("inprocess", "coordinator_graph", "coordinator_actor", "inprocess_sync",
+            "coordinator_graph_sync")
 DISPATCH = {"coordinator_graph": "compiled_graph", "coordinator_actor": "actor_call"}
 
 
@@ -50,7 +53,19 @@ def _engine_args(args) -> dict:
     return dict(load_format="dummy", dtype="bfloat16" if args.device == "cuda" else "float32",
                 device=args.device, max_model_len=2048, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=False)
+                enable_prefix_caching=False,
+                async_scheduling=not args.child.endswith("_sync"))
+
+
+def _gpu_gaps(steps: list[tuple], batch: int, seconds: float) -> dict:
+    """Median and p90 GPU idle time before the steps at full batch (ms), and the GPU's idle
+    share of the whole run."""
+    if not any(s[-1] for s in steps):  # CPU: no CUDA events
+        return {}
+    full = sorted(s[-1] for s in steps if s[2] == batch and s[0] > 0) or [0.0]
+    return {"gpu_gap_ms_median": statistics.median(full) * 1e3,
+            "gpu_gap_ms_p90": full[int(0.9 * (len(full) - 1))] * 1e3,
+            "gpu_idle_fraction": sum(s[-1] for s in steps) / seconds}
 
 
 def _model_dir(args) -> str:
@@ -89,7 +104,7 @@ def _step_summary(steps: list[tuple[float, float, int]], batch: int) -> dict:
         **({"schedule_ms_median": statistics.median([s[3] * 1e3 for s in full]),
             "dispatch_ms_median": statistics.median([s[4] * 1e3 for s in full]),
             "complete_ms_median": statistics.median([s[5] * 1e3 for s in full])}
-           if full and len(full[0]) > 3 else {}),
+           if full and len(full[0]) > 4 else {}),
     }
 
 
@@ -104,7 +119,8 @@ def run_inprocess(args, model_dir: str, workloads: dict) -> dict:
     def recorded_step():
         outputs = core_step()
         stats = outputs.stats
-        steps.append((stats.step_seconds, stats.execute_seconds, stats.num_running))
+        steps.append((stats.step_seconds, stats.execute_seconds, stats.num_running,
+                      stats.gpu_idle_seconds))
         return outputs
 
     core.step = recorded_step
@@ -120,7 +136,8 @@ def run_inprocess(args, model_dir: str, workloads: dict) -> dict:
         tokens = sum(len(o.outputs[0].token_ids) for o in done)
         results[name] = {"seconds": elapsed, "output_tokens": tokens,
                          "output_tok_s": tokens / elapsed,
-                         **_step_summary(steps, min(args.max_num_seqs, len(prompts)))}
+                         **_step_summary(steps, min(args.max_num_seqs, len(prompts))),
+                         **_gpu_gaps(steps, min(args.max_num_seqs, len(prompts)), elapsed)}
     llm.shutdown()
     return results
 
@@ -135,7 +152,8 @@ def run_coordinator(args, model_dir: str, workloads: dict) -> dict:
 
     ray.init(logging_level="WARNING")
     handle = start_coordinator(EngineConfig(model=model_dir, distributed_executor_backend="ray",
-                                            step_dispatch=DISPATCH[args.child],
+                                            step_dispatch=DISPATCH[args.child.removesuffix(
+                                                "_sync")],
                                             **_engine_args(args)))
     results = {}
     def run(tag: str, prompts, lengths) -> tuple[float, int]:
@@ -165,7 +183,8 @@ def run_coordinator(args, model_dir: str, workloads: dict) -> dict:
             else ray.get(handle.step_log.remote())
         results[name] = {"seconds": elapsed, "output_tokens": tokens,
                          "output_tok_s": tokens / elapsed,
-                         **_step_summary(steps, min(args.max_num_seqs, len(prompts)))}
+                         **_step_summary(steps, min(args.max_num_seqs, len(prompts))),
+                         **_gpu_gaps(steps, min(args.max_num_seqs, len(prompts)), elapsed)}
     stop_coordinator(handle)
     ray.shutdown()
     return results
@@ -190,28 +209,30 @@ def child(args) -> None:
     model_dir = _model_dir(args)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     workloads = _workloads(args, vocab)
-    runner = {"inprocess": run_inprocess, "coordinator_graph": run_coordinator,
-              "coordinator_actor": run_coordinator, "ceilings": run_ceilings}[args.child]
+    runner = run_ceilings if args.child == "ceilings" else \
+        run_inprocess if args.child.startswith("inprocess") else run_coordinator
     Path(args.child_json).write_text(json.dumps(runner(args, model_dir, workloads)))
 
 
 def print_table(report: dict) -> None:
     variants = report["variants"]
     floors = report.get("ceilings", {}).get("floors", {})
-    print(f"\n{'workload':<10} {'variant':<18} {'out tok/s':>10} {'vs in-proc':>10} "
-          f"{'of floor':>9} {'step ms':>8} {'rank ms':>8} {'gap ms':>7} {'gap p90':>8}")
+    print(f"\n{'workload':<10} {'variant':<22} {'out tok/s':>10} {'vs in-proc':>10} "
+          f"{'of floor':>9} {'step ms':>8} {'GPU gap':>8} {'gap p90':>8} {'GPU idle':>8}")
     for workload in report["workloads"]:
         base = variants.get("inprocess", next(iter(variants.values())))[workload]["output_tok_s"]
         for name, result in variants.items():
             r = result[workload]
             floor = floors.get(workload, {}).get("floor_tok_s")
-            cells = [r["step_ms_median"], r["execute_ms_median"], r["gap_ms_median"],
-                     r["gap_ms_p90"]]
+            cells = [r["step_ms_median"], r.get("gpu_gap_ms_median"), r.get("gpu_gap_ms_p90")]
             shown = " ".join(f"{c:>8.2f}" if c is not None else f"{'-':>8}" for c in cells)
+            idle = r.get("gpu_idle_fraction")
+            shown += f" {idle:>8.1%}" if idle is not None else f" {'-':>8}"
             of_floor = f"{r['output_tok_s'] / floor:>9.1%}" if floor else f"{'-':>9}"
-            print(f"{workload:<10} {name:<18} {r['output_tok_s']:>10,.0f} "
+            print(f"{workload:<10} {name:<22} {r['output_tok_s']:>10,.0f} "
                   f"{r['output_tok_s'] / base:>10.3f} {of_floor} {shown}")
-    print("step/rank/gap: medians over steps at full batch; gap = core step wall - rank time")
+    print("step ms: median core step wall time at full batch; GPU gap: median GPU idle time "
+          "between steps (CUDA events); GPU idle: the sum of gaps over the run's wall time")
     for workload in report["workloads"]:
         for name, result in variants.items():
             parts = {k: result[workload][k] for k in ("schedule_ms_median", "dispatch_ms_median",

@@ -1,9 +1,10 @@
 """Where one engine step's time goes (GPU): host phases per step kind, and top CUDA kernels.
 
 Runs the throughput workload (8B shape, random bf16 weights) through `LLMEngine.step` with the
-phases timed separately (schedule, runner.execute with a device sync, update), groups steps by
-kind (with prefill tokens / pure decode), then profiles one prefill-heavy and one decode step
-with torch.profiler and prints the top kernels. For finding the gap to the floor, not a result.
+phases timed separately (schedule, runner.execute with a device sync, update; synchronous steps),
+groups steps by kind (with prefill tokens / pure decode), measures the GPU idle fraction of pure
+decode at full batch with async scheduling on and off, then profiles one prefill-heavy and one
+decode step with torch.profiler and prints the top kernels.
 
     python bench/step_profile.py
 """
@@ -37,15 +38,16 @@ def timed_steps(llm: LLM, prompts, outputs) -> dict:
         core.add_request(EngineCoreRequest(f"p{index}", prompt, SamplingParams(
             temperature=0.0, max_tokens=output, ignore_eos=True)))
     phases = defaultdict(lambda: defaultdict(list))
+    core.config.async_scheduling = False  # each phase on its own: no step overlaps another
     start = time.perf_counter()
     while core.has_unfinished_requests():
         t0 = time.perf_counter()
         step = core.schedule()
         t1 = time.perf_counter()
-        result = core.executor.execute(step)
+        results = core.executor.execute(step)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        core.complete(step, result)
+        core.complete(step, results)
         t3 = time.perf_counter()
         kind = "decode" if all(item.num_tokens == 1 for item in step.scheduled) else "prefill"
         phases[kind]["schedule_ms"].append((t1 - t0) * 1e3)
@@ -53,6 +55,7 @@ def timed_steps(llm: LLM, prompts, outputs) -> dict:
         phases[kind]["update_ms"].append((t3 - t2) * 1e3)
         phases[kind]["tokens"].append(step.num_batched_tokens)
     total = time.perf_counter() - start
+    core.config.async_scheduling = True
     summary = {"total_s": total}
     for kind, values in phases.items():
         summary[kind] = {"steps": len(values["tokens"]),
@@ -70,9 +73,9 @@ def profile_one(llm: LLM, prompts, output_len: int, label: str) -> str:
             temperature=0.0, max_tokens=output_len, ignore_eos=True))
     step = engine.scheduler.schedule()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        result = engine.executor.execute(step)
+        results = engine.executor.execute(step)
         torch.cuda.synchronize()
-    engine.scheduler.update(step, result.sampled)
+    engine.scheduler.update(step, results[-1].sampled)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
                                       max_name_column_width=60)
     for index in range(len(prompts)):
@@ -91,21 +94,24 @@ def profile_decode(llm: LLM, prompts) -> str:
         step = engine.scheduler.schedule()
         if all(item.num_tokens == 1 for item in step.scheduled):
             break
-        engine.scheduler.update(step, engine.executor.execute(step).sampled)
+        engine.scheduler.update(step, engine.executor.execute(step)[-1].sampled)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        engine.executor.execute(step)
+        engine.scheduler.update(step, engine.executor.execute(step)[-1].sampled)
         torch.cuda.synchronize()
+    for index in range(len(prompts)):
+        engine.abort_request(f"d{index}")
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=16,
                                       max_name_column_width=60)
     return f"decode: {len(step.scheduled)} seqs\n{table}"
 
 
-def decode_utilization(llm: LLM, prompts, steps: int = 20) -> dict:
+def decode_utilization(llm: LLM, prompts, overlap: bool, steps: int = 20) -> dict:
     """Wall time vs GPU kernel time over `steps` whole engine steps of pure decode (CUDA-only
     profiling, so the host code runs at full speed): the gap is host time the GPU waits for."""
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.engine
+    engine.core.config.async_scheduling = overlap
     for index, prompt in enumerate(prompts):
         engine.add_request(f"u{index}", prompt, SamplingParams(max_tokens=steps + 8,
                                                                ignore_eos=True))
@@ -123,7 +129,11 @@ def decode_utilization(llm: LLM, prompts, steps: int = 20) -> dict:
     kernel_us = sum(event.self_device_time_total for event in prof.key_averages())
     for index in range(len(prompts)):
         engine.abort_request(f"u{index}")
-    return {"steps": steps, "batch": len(prompts), "wall_ms_per_step": wall / steps * 1e3,
+    while engine.has_unfinished_requests():  # the overlapped step still out
+        engine.step()
+    engine.core.config.async_scheduling = True
+    return {"overlap": overlap, "steps": steps, "batch": len(prompts),
+            "wall_ms_per_step": wall / steps * 1e3,
             "gpu_kernel_ms_per_step": kernel_us / steps / 1e3,
             "gpu_idle_fraction": 1 - kernel_us / 1e6 / wall}
 
@@ -143,7 +153,8 @@ def main() -> None:
                   enable_prefix_caching=False, enforce_eager=args.eager)
         llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
         summary = timed_steps(llm, prompts, outputs)
-        summary["decode_utilization"] = decode_utilization(llm, prompts)
+        summary["decode_utilization"] = [decode_utilization(llm, prompts, overlap)
+                                         for overlap in (True, False)]
         print(json.dumps(summary, indent=1))
         print(profile_one(llm, prompts[:16], 2, "prefill"))
         print(profile_decode(llm, prompts))

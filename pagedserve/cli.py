@@ -1,5 +1,6 @@
 """Command line: `pagedserve serve` runs the served system (gateway, coordinator, workers);
-`pagedserve generate` runs offline generation (default: the embedded model).
+`pagedserve status` reports on a running one; `pagedserve generate` runs offline generation
+(default: the embedded model).
 
 A user error (a bad value, a missing model directory) prints one line and exits with status 2;
 anything else is a bug and keeps its traceback.
@@ -18,6 +19,7 @@ from pathlib import Path
 from pagedserve.cli_bench import add_bench_arguments, bench
 from pagedserve.cli_demo import add_demo_arguments, demo
 from pagedserve.cli_serve import add_serve_arguments, serve
+from pagedserve.cli_status import add_status_arguments, status
 from pagedserve.errors import Internal, PagedServeError
 
 USER_ERROR_STATUS = 2  # what argparse exits with for a bad command line
@@ -102,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    serve_parser = sub.add_parser("serve", help="serve a model over gRPC until interrupted",
+    serve_parser = sub.add_parser("serve", help="serve a model over gRPC and OpenAI-compatible "
+                                  "HTTP until interrupted",
                                   formatter_class=formatter)
     add_serve_arguments(serve_parser)
+    status_parser = sub.add_parser("status", help="replicas, GPUs, KV usage, queues and "
+                                   "throughput of a running server", formatter_class=formatter)
+    add_status_arguments(status_parser)
     demo_parser = sub.add_parser("demo", help="start a server, stream through the SDK, stop it",
                                  formatter_class=formatter)
     add_demo_arguments(demo_parser)
@@ -134,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
                      help="bearer token for --url (default: $PAGEDSERVE_API_KEY)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Only `serve` has --log-level (its request log lines are INFO on `pagedserve.requests`).
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "status":
+            return status(args)
         if args.command == "bench":
             return bench(args)
         if args.command == "demo":

@@ -38,7 +38,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "pagedserve", "serve", "--port", "0",
+    command = [sys.executable, "-m", "pagedserve", "serve", "--port", "0", "--http-port", "0",
                "--device", args.device]
     if args.model:
         command += ["--model", args.model]

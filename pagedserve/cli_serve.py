@@ -9,7 +9,22 @@ import sys
 from pathlib import Path
 
 READY_PREFIX = "pagedserve: serving"
-"""The line `serve` prints once it answers, followed by the model name and the address."""
+"""The line `serve` prints once it answers: `pagedserve: serving NAME on HOST:PORT (gRPC)`,
+then `and http://HOST:PORT/v1 (OpenAI HTTP)` unless HTTP is off; `ready_addresses` reads it."""
+NO_HTTP = -1
+"""--http-port value that turns the OpenAI HTTP API off."""
+
+
+def ready_line(name: str, address: str, http_address: str | None) -> str:
+    http = f" and {http_address}/v1 (OpenAI HTTP)" if http_address else ""
+    return f"{READY_PREFIX} {name} on {address} (gRPC){http}; Ctrl-C or SIGTERM stops it"
+
+
+def ready_addresses(line: str) -> tuple[str, str | None]:
+    """(the gRPC host:port, the OpenAI base URL or None) of a ready line."""
+    after = line.split(" on ", 1)[1].split()
+    http = after[after.index("and") + 1] if "and" in after else None
+    return after[0], http
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +34,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="name clients pass as `model` (default: the directory's name)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=50051, help="port (0: pick a free one)")
+    parser.add_argument("--port", type=int, default=50051,
+                        help="gRPC port (0: pick a free one)")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help=f"OpenAI-compatible HTTP port on --host (0: pick a free one; "
+                             f"{NO_HTTP}: no HTTP)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
@@ -44,6 +63,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM server private key (TLS)")
     parser.add_argument("--tls-client-ca", default=None,
                         help="PEM CA of client certificates (mutual TLS)")
+    parser.add_argument("--log-level", default="info", type=str.lower,
+                        choices=["debug", "info", "warning", "error"],
+                        help="least severe log level printed; `info` includes one line per "
+                             "finished request (logger pagedserve.requests)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -55,7 +78,9 @@ def serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {args.model!r} is not a directory; give a Hugging Face "
                                 "checkpoint directory or a .gguf file, or leave --model out "
                                 "for the embedded model")
-    options = ServeOptions(host=args.host, port=args.port, ray_address=args.address,
+    options = ServeOptions(host=args.host, port=args.port,
+                           http_port=None if args.http_port == NO_HTTP else args.http_port,
+                           ray_address=args.address,
                            max_queue_per_replica=args.max_queue_per_replica,
                            auth_token_file=args.auth_token_file, tls_cert=args.tls_cert,
                            tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
@@ -85,7 +110,7 @@ async def _serve_until_signalled(config, options) -> int:
     try:
         address = await server.start()
         name = server.gateway.model_name
-        print(f"{READY_PREFIX} {name} on {address} (Ctrl-C or SIGTERM stops it)", flush=True)
+        print(ready_line(name, address, server.http_address), flush=True)
         await stop.wait()
         print("pagedserve: shutting down", file=sys.stderr, flush=True)
     finally:

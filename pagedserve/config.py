@@ -69,6 +69,9 @@ class EngineConfig:
     """'fcfs' or 'priority'."""
     enforce_eager: bool = False
     """Disable CUDA graphs for decode steps."""
+    async_scheduling: bool = True
+    """Schedule step N+1 while step N runs (sampled ids stay on the device; beam search runs
+    synchronous steps); False waits for every step's tokens before scheduling the next."""
     max_graph_batch_size: int = 256
     """Largest decode batch captured as a CUDA graph."""
     cpu_threads: int | None = None
@@ -78,6 +81,9 @@ class EngineConfig:
     memory; measured fastest, see bench/coordinator.py) or 'actor_call' (one task per rank)."""
     step_timeout_s: float = 300.0
     """A rank that takes longer than this for one step is declared failed (> 0 seconds)."""
+    max_worker_restarts: int = 3
+    """Times a served replica replaces its ranks after one dies or hangs (its requests are
+    recomputed on the new ones); past that, or at 0, they end UNAVAILABLE."""
 
     def __post_init__(self) -> None:
         owner = "EngineConfig"
@@ -122,9 +128,13 @@ class EngineConfig:
                     f"in [0, {MAX_ENGINE_SEED}]", self.seed)
         check_field(owner, "max_model_len", self.max_model_len is None
                     or self.max_model_len >= 2, "None or an integer >= 2", self.max_model_len)
-        for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager"):
+        for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
+                     "async_scheduling"):
             check_field(owner, name, isinstance(getattr(self, name), bool), "True or False",
                         getattr(self, name))
+        check_field(owner, "max_worker_restarts",
+                    is_int(self.max_worker_restarts) and self.max_worker_restarts >= 0,
+                    "an integer >= 0", self.max_worker_restarts)
         for name in ("max_num_seqs", "max_graph_batch_size"):
             value = getattr(self, name)
             check_field(owner, name, is_int(value) and value >= 1, "an integer >= 1", value)

@@ -1,6 +1,6 @@
 """Error classes, one per gRPC status code, raised by validation, the engine core and the
-cluster. The gateway maps them by class (`grpc_status`) and never parses messages; each message
-says what was wrong and what to do instead.
+cluster. The gateway maps them by class (`grpc_status`, and `http_status` for the OpenAI HTTP
+API) and never parses messages; each message says what was wrong and what to do instead.
 
 They also subclass the builtin a Python caller expects (ValueError for bad input, RuntimeError
 for a failed engine), so offline code can keep catching those.
@@ -8,11 +8,30 @@ for a failed engine), so offline code can keep catching those.
 
 from __future__ import annotations
 
+# The HTTP status of each gRPC status, as Google's APIs map them (google.rpc.Code); the rest
+# (INTERNAL, UNKNOWN, DATA_LOSS) are 500. 499 is "client closed request".
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499,
+    "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+}
+
 
 class PagedServeError(Exception):
     """Base of every error pagedserve raises on purpose."""
 
     grpc_status = "INTERNAL"
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
+        """The request field at fault, as the message names it ('SamplingParams.top_p',
+        'prompt'); None when the message names several or none."""
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.grpc_status, 500)
 
 
 class InvalidArgument(PagedServeError, ValueError):

@@ -90,6 +90,8 @@ class LLM:
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
                         bar.update(1)
+            while self.engine.has_unfinished_requests():  # the overlapped step still out
+                self.engine.step()
         return [finished[request_id] for request_id in ids]
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],

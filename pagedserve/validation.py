@@ -13,7 +13,7 @@ def check_field(owner: str, name: str, ok: bool, rule: str, value: Any,
                 error: type[InvalidArgument] = InvalidArgument) -> None:
     """Raise `error` saying `owner.name must be <rule>, got <value>` unless `ok`."""
     if not ok:
-        raise error(f"{owner}.{name} must be {rule}, got {value!r}")
+        raise error(f"{owner}.{name} must be {rule}, got {value!r}", field=f"{owner}.{name}")
 
 
 def is_int(value: Any) -> bool:

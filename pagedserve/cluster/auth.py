@@ -1,4 +1,5 @@
-"""Bearer-token authentication and TLS for the gateway's gRPC server.
+"""Bearer-token authentication and TLS for the gateway's gRPC server (and the token check the
+OpenAI HTTP API shares).
 
 Tokens come from a file (one per line) or an environment variable; each call must carry
 `authorization: Bearer <token>`, compared in constant time against every token. Health checks
@@ -37,14 +38,13 @@ def load_tokens(token_file: str | None = None, env_var: str | None = None) -> li
     return tokens
 
 
-class BearerTokenAuth(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid bearer token with UNAUTHENTICATED."""
+class BearerTokens:
+    """The accepted tokens; `accepts` checks an `authorization` header value."""
 
     def __init__(self, tokens: list[str]) -> None:
         self._expected = [token.encode() for token in tokens]
 
-    def _authorized(self, metadata) -> bool:
-        header = next((value for key, value in metadata or () if key == "authorization"), "")
+    def accepts(self, header: str | bytes) -> bool:
         if isinstance(header, bytes):
             header = header.decode("latin-1")
         scheme, _, token = header.partition(" ")
@@ -54,6 +54,17 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         # Every token is compared (no early exit), each in constant time.
         matches = [hmac.compare_digest(given, expected) for expected in self._expected]
         return any(matches)
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """Refuses calls without a valid bearer token with UNAUTHENTICATED."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self._tokens = BearerTokens(tokens)
+
+    def _authorized(self, metadata) -> bool:
+        header = next((value for key, value in metadata or () if key == "authorization"), "")
+        return self._tokens.accepts(header)
 
     async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(OPEN_PREFIXES) or self._authorized(

@@ -33,7 +33,7 @@ from pagedserve.cluster.coordinator_server import SERVICE as COORDINATOR_SERVICE
 from pagedserve.cluster.coordinator_server import start_coordinator_server
 from pagedserve.cluster.grpc_common import set_serving
 from pagedserve.cluster.placement import ReplicaPlacement, ensure_ray, resolve_device
-from pagedserve.cluster.wire import RequestFailed
+from pagedserve.cluster.wire import RequestFailed, StepDelivery
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchOutput
 from pagedserve.engine.core import (
@@ -52,6 +52,8 @@ from pagedserve.errors import (
     WorkerFailure,
 )
 from pagedserve.executor.ray import RayExecutor, shorten_gil_switch_interval
+from pagedserve.metrics.coordinator_metrics import EngineSnapshot, RequestTimer, StepRecorder
+from pagedserve.metrics.gpu import GpuReading
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.scheduler.output import SchedulerOutput
 from pagedserve.validation import check_type
@@ -62,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 StreamItem = list[SequenceUpdate] | BeamSearchOutput | RequestFailed
 STEP_LOG_SIZE = 4096
+GPU_TELEMETRY_TTL_S = 2.0
+"""How long one reading of the ranks' GPUs answers gpu_telemetry (several gateways ask)."""
+GPU_TELEMETRY_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -104,9 +109,7 @@ class Coordinator:
             raise InvalidArgument("Coordinator needs EngineConfig.model (a checkpoint "
                                   "directory on the cluster's nodes)")
         shorten_gil_switch_interval()
-        device_type = resolve_device(config.device, use_ray=True)
-        placement = ReplicaPlacement(config.tensor_parallel_size, device_type)
-        executor = RayExecutor(config, config.model, device_type, placement)
+        executor = _start_ranks(config)
         try:
             self.core = EngineCore(config, executor)
             # An empty step builds the dispatch path (a compiled graph compiles on its first
@@ -121,7 +124,7 @@ class Coordinator:
         self._streaming: set[str] = set()
         self.recent_steps: deque[tuple[float, ...]] = deque(maxlen=STEP_LOG_SIZE)
         """Per recent step: wall seconds, rank 0's seconds, sequences, then the seconds spent
-        scheduling, dispatching and waiting, and completing."""
+        scheduling, dispatching and waiting, and completing, and the GPU's idle seconds."""
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._stopping = False
@@ -129,11 +132,19 @@ class Coordinator:
         self._step_thread: threading.Thread | None = None
         self._accepting = True
         self.failure: BaseException | None = None
+        self._restarts_left = config.max_worker_restarts
+        self._needs_ranks = False
+        """The ranks died and the requests wait, requeued, for new ones (see _replace_ranks)."""
+        self.num_worker_restarts = 0
         self._server = None
         self._health = None
         self.grpc_address: str | None = None
         self.num_steps = 0
         self.last_stats = self.core.stats()
+        self.step_recorder = StepRecorder(self.last_stats)
+        self.request_timer = RequestTimer()
+        self._gpu_readings: list[tuple[int, GpuReading]] = []
+        self._gpu_read_at = float("-inf")
 
     # ---- requests in ------------------------------------------------------------------------
 
@@ -152,12 +163,17 @@ class Coordinator:
                               "another replica")
 
     def _add(self, request: EngineCoreRequest, stream: _Stream) -> None:
-        self._check_serving()
         with self._lock:
-            self.core.add_request(request)
-            self._work.notify()
-        self._streams[request.request_id] = stream
+            self._add_locked(request, stream)
         self._start_loop()
+
+    def _add_locked(self, request: EngineCoreRequest, stream: _Stream) -> None:
+        self._check_serving()
+        self.core.add_request(request)
+        # Before the step thread can schedule it (it needs this lock).
+        self.request_timer.added(request.request_id)
+        self._work.notify()
+        self._streams[request.request_id] = stream
 
     @staticmethod
     def _num_sequences(request: EngineCoreRequest) -> int:
@@ -187,14 +203,17 @@ class Coordinator:
         self._subscriber_queue(subscriber)
         added = []
         try:
-            for request in requests:
-                self._add(request, _Stream(self._num_sequences(request),
-                                           subscriber=subscriber))
-                added.append(request.request_id)
+            # One lock hold for the whole call: the step thread schedules all of them or none.
+            with self._lock:
+                for request in requests:
+                    self._add_locked(request, _Stream(self._num_sequences(request),
+                                                      subscriber=subscriber))
+                    added.append(request.request_id)
         except BaseException:
             for request_id in added:
                 self._abort(request_id)
             raise
+        self._start_loop()
 
     async def stream(self, subscriber: str) -> AsyncIterator[list[tuple[str, StreamItem]]]:
         """Per step, the (request id, item) of every request of `subscriber` that changed: its
@@ -229,6 +248,7 @@ class Coordinator:
     def _abort(self, request_id: str) -> None:
         with self._lock:
             self.core.abort_request(request_id)
+        self.request_timer.forget(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
@@ -249,9 +269,14 @@ class Coordinator:
         executor = core.executor
         undelivered: EngineCoreOutputs | None = None
         while True:
+            if self._needs_ranks:
+                if not self._replace_ranks():
+                    return
+                executor = core.executor
             with self._work:
                 while not self._stopping and not core.has_unfinished_requests():
                     undelivered = self._hand_over(undelivered)
+                    self._report_idle()
                     self._work.wait()
                 if self._stopping:
                     return
@@ -260,6 +285,7 @@ class Coordinator:
                 try:
                     step = core.schedule()
                     scheduled = time.perf_counter()
+                    self.request_timer.scheduled(step)
                     submitted = executor.submit(step)
                 except Exception as error:
                     undelivered = self._hand_over(undelivered)
@@ -277,11 +303,24 @@ class Coordinator:
             returned = time.perf_counter()
             with self._lock:
                 undelivered = core.complete(step, result, started)
+                self.step_recorder.observe_step(undelivered.stats)
             self.num_steps += 1
             self.last_stats = stats = undelivered.stats
             self.recent_steps.append((stats.step_seconds, stats.execute_seconds,
                                       len(step.scheduled), scheduled - started,
-                                      returned - scheduled, time.perf_counter() - returned))
+                                      returned - scheduled, time.perf_counter() - returned,
+                                      stats.gpu_idle_seconds))
+
+    def _report_idle(self) -> None:
+        """Under the lock, in the step thread, with nothing left to run: record the idle
+        state and send it to every subscriber, so that gauges fall back to zero (the last
+        step's snapshot still counted requests that were aborted after it)."""
+        self.step_recorder.set_state(self.core.stats())
+        self._loop.call_soon_threadsafe(self._deliver_idle)
+
+    def _deliver_idle(self) -> None:
+        for queue in self._subscribers.values():
+            queue.put_nowait(StepDelivery(step_time=time.monotonic()))
 
     def _hand_over(self, outputs: EngineCoreOutputs | None) -> None:
         """Give a step's outputs to the event loop for delivery (none: nothing to do); returns
@@ -291,7 +330,17 @@ class Coordinator:
 
     def _handle_failure(self, step, error: Exception) -> bool:
         """Under the lock, in the step thread: abort what the failure touched and tell the
-        event loop. True when the replica is lost (the step thread then ends)."""
+        event loop, or, for lost ranks while restarts are left, requeue every request for new
+        ranks. True when the replica is lost (the step thread then ends)."""
+        if isinstance(error, WorkerFailure) and self._restarts_left > 0:
+            logger.error("%s; requeueing %d requests for new ranks", error,
+                         self.core.num_requests)
+            self.core.requeue_for_new_ranks()
+            self._needs_ranks = True
+            self._set_health(False)
+            return False
+        if isinstance(error, WorkerFailure) and self.config.max_worker_restarts > 0:
+            return self._lose_replica(self._restarts_spent(error))
         try:
             if step is None:
                 raise error
@@ -315,6 +364,47 @@ class Coordinator:
                                                "replica stopped serving"))
         return False
 
+    def _replace_ranks(self) -> bool:
+        """In the step thread, without the lock (loading weights takes a while; requests keep
+        arriving and may be aborted meanwhile): new ranks in a new placement group, until one
+        set starts or the restarts run out (then the replica is lost; returns False)."""
+        while self._restarts_left > 0:
+            self._restarts_left -= 1
+            began = time.monotonic()
+            try:
+                executor = _start_ranks(self.config)
+                try:
+                    with self._lock:
+                        self.core.attach_ranks(executor)
+                    executor.execute(SchedulerOutput())  # builds the dispatch path
+                except BaseException:
+                    executor.shutdown()
+                    raise
+            except Exception as error:
+                logger.error("new ranks failed to start: %s", error)
+                continue
+            self._needs_ranks = False
+            self.num_worker_restarts += 1
+            self._set_health(True)
+            logger.warning("new ranks ready in %.1f s; %d restarts left",
+                           time.monotonic() - began, self._restarts_left)
+            return True
+        with self._lock:
+            return self._lose_replica(self._restarts_spent(None))
+
+    def _restarts_spent(self, error: BaseException | None) -> Unavailable:
+        spent = Unavailable(
+            f"tensor-parallel workers failed and {self.config.max_worker_restarts} restarts did "
+            f"not bring them back (EngineConfig.max_worker_restarts){f': {error}' if error else ''}"
+            "; this replica stopped serving, retry on another one")
+        spent.__cause__ = error
+        return spent
+
+    def _set_health(self, serving: bool) -> None:
+        if self._health is not None:
+            asyncio.run_coroutine_threadsafe(
+                set_serving(self._health, [COORDINATOR_SERVICE], serving), self._loop)
+
     def _lose_replica(self, error: BaseException) -> bool:
         self.failure = error
         self.core.abort_all()
@@ -337,6 +427,7 @@ class Coordinator:
     def _fail_stream(self, request_id: str, error: BaseException) -> None:
         """End a request with `error` (its caller sees the error's status, e.g. UNAVAILABLE,
         and may retry elsewhere), not with a finish reason."""
+        self.request_timer.forget(request_id)
         stream = self._streams.pop(request_id)
         if stream.queue is not None:
             stream.queue.put_nowait(_End(error))
@@ -344,6 +435,7 @@ class Coordinator:
             self._send(request_id, stream, RequestFailed(request_id, error))
 
     def _deliver(self, outputs: EngineCoreOutputs) -> None:
+        starts = self.request_timer.first_tokens(outputs)
         by_request: dict[str, list[SequenceUpdate]] = {}
         for update in outputs.updates:
             by_request.setdefault(update.request_id, []).append(update)
@@ -365,7 +457,9 @@ class Coordinator:
                 self._send(beam_output.request_id, stream, beam_output, batches)
                 self._end(beam_output.request_id, stream)
         for subscriber, batch in batches.items():
-            self._subscribers[subscriber].put_nowait(batch)
+            self._subscribers[subscriber].put_nowait(StepDelivery(
+                batch, outputs.timestamp,
+                [starts[request_id] for request_id, _ in batch if request_id in starts]))
 
     def _send(self, request_id: str, stream: _Stream, item: StreamItem,
               batches: dict[str, list] | None = None) -> None:
@@ -379,6 +473,7 @@ class Coordinator:
 
     def _end(self, request_id: str, stream: _Stream) -> None:
         del self._streams[request_id]
+        self.request_timer.forget(request_id)
         if stream.queue is not None:
             stream.queue.put_nowait(_End())
 
@@ -393,8 +488,10 @@ class Coordinator:
 
     async def health(self) -> dict[str, Any]:
         """Whether this replica serves, why not, and its latest stats."""
-        return {"healthy": self.failure is None and self._accepting,
+        return {"healthy": self.failure is None and self._accepting and not self._needs_ranks,
                 "failure": None if self.failure is None else str(self.failure),
+                "restarting_workers": self._needs_ranks,
+                "worker_restarts": self.num_worker_restarts,
                 "num_requests": len(self._streams), "num_steps": self.num_steps}
 
     async def step_log(self) -> list[tuple[float, ...]]:
@@ -406,6 +503,31 @@ class Coordinator:
             return self.last_stats
         with self._lock:
             return self.core.stats()
+
+    async def engine_snapshot(self) -> EngineSnapshot:
+        """What every Subscribe batch carries: the latest stats and the step histogram."""
+        return self.step_recorder.snapshot()
+
+    async def gpu_telemetry(self) -> list[tuple[int, GpuReading]]:
+        """(rank, reading) of each GPU of this replica's ranks, read at most
+        GPU_TELEMETRY_TTL_S ago; none on CPU, without NVML, or once the ranks are gone."""
+        now = time.monotonic()
+        if now - self._gpu_read_at >= GPU_TELEMETRY_TTL_S:
+            self._gpu_read_at = now
+            self._gpu_readings = await self._read_gpus()
+        return self._gpu_readings
+
+    async def _read_gpus(self) -> list[tuple[int, GpuReading]]:
+        workers = self.core.executor.workers if self.failure is None else []
+        try:
+            per_rank = await asyncio.wait_for(
+                asyncio.gather(*(w.gpu_telemetry.remote() for w in workers)),
+                GPU_TELEMETRY_TIMEOUT_S)
+        except Exception as error:  # a rank died or hangs: report no GPUs, not an error
+            logger.warning("GPU telemetry from the ranks failed: %r", error)
+            return []
+        return [(rank, reading) for rank, readings in enumerate(per_rank)
+                for reading in readings]
 
     async def model_info(self) -> dict[str, Any]:
         core = self.core
@@ -449,6 +571,13 @@ class Coordinator:
         if self._server is not None:
             await self._server.stop(grace=1.0)
         self.core.shutdown()
+
+
+def _start_ranks(config: EngineConfig) -> RayExecutor:
+    """The replica's ranks as Ray actors in a placement group of their own."""
+    device_type = resolve_device(config.device, use_ray=True)
+    return RayExecutor(config, config.model, device_type,
+                       ReplicaPlacement(config.tensor_parallel_size, device_type))
 
 
 def start_coordinator(config: EngineConfig, name: str | None = None,

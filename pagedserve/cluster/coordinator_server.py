@@ -2,7 +2,8 @@
 
 It speaks token ids with gateways (protos/pagedserve/protos/v1/coordinator.proto): requests
 added under a subscriber name, one Subscribe stream per gateway carrying the updates of all its
-requests once per step, aborts, load and model info; plus grpc.health.v1 and reflection.
+requests once per step (with the step's time, first-token timings and the engine snapshot),
+aborts, load, model info, engine stats and GPU telemetry; plus grpc.health.v1 and reflection.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pagedserve.cluster.grpc_common import (
     set_serving,
     status_of,
 )
-from pagedserve.cluster.wire import RequestFailed
+from pagedserve.cluster.wire import RequestFailed, StepDelivery
 from pagedserve.engine.beam_search import BeamSearchOutput
 from pagedserve.errors import PagedServeError
 from pagedserve.protos.v1 import coordinator_pb2 as cpb
@@ -65,7 +66,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Subscribe(self, request, context):
         try:
             async for batch in self.coordinator.stream(request.subscriber):
-                yield _batch_to_proto(batch)
+                message = _batch_to_proto(batch)
+                message.stats.CopyFrom(wire.snapshot_to_proto(
+                    self.coordinator.step_recorder.snapshot()))
+                yield message
         except PagedServeError as error:
             await context.abort(status_of(error), str(error))
 
@@ -80,9 +84,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def GetModelInfo(self, request, context):
         return model_info_to_proto(await self.coordinator.model_info())
 
+    async def GetStats(self, request, context):
+        return wire.snapshot_to_proto(await self.coordinator.engine_snapshot())
+
+    async def GetGpuTelemetry(self, request, context):
+        return cpb.GpuTelemetry(gpus=[wire.gpu_to_proto(rank, reading) for rank, reading
+                                      in await self.coordinator.gpu_telemetry()])
+
 
 def _batch_to_proto(batch: list[tuple[str, Any]]) -> cpb.StepBatch:
     message = cpb.StepBatch()
+    if isinstance(batch, StepDelivery):
+        message.step_time = batch.step_time
+        message.starts.extend(cpb.RequestStart(request_id=start.request_id,
+                                               queue_seconds=start.queue_seconds,
+                                               prefill_seconds=start.prefill_seconds)
+                              for start in batch.starts)
     for _, item in batch:
         if isinstance(item, RequestFailed):
             message.failures.append(cpb.RequestFailure(

@@ -1,9 +1,11 @@
 """`pagedserve serve`: Ray, one coordinator per replica with its workers, and the gateway.
 
-The gateway runs in the launching process (it holds the tokenizer); each coordinator is a Ray
-actor serving its internal gRPC API; Ray is started locally (and stopped again) unless an
-address is given. `Server.stop()` shuts everything down in order: the public server, the
-gateway's streams, the coordinators (their workers and placement groups go with them), Ray.
+The gateway runs in the launching process (it holds the tokenizer), behind the public gRPC
+server and, when `http_port` is set, the OpenAI-compatible HTTP API (same loop, same tokens and
+TLS); each coordinator is a Ray actor serving its internal gRPC API; Ray is started locally (and
+stopped again) unless an address is given. `Server.stop()` shuts everything down in order: the
+public servers, the gateway's streams, the coordinators (their workers and placement groups go
+with them), Ray.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class ServeOptions:
     """Address the public gRPC server binds (0.0.0.0 for every interface)."""
     port: int = 50051
     """Its port; 0 picks a free one (the bound address is printed and returned)."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API on `host`; 0 picks a free one; None: no HTTP
+    (the CLI's default is 8000: one fixed port here would collide between Servers)."""
     ray_address: str | None = None
     """A Ray cluster to join; None starts a local one (stopped again on exit)."""
     replicas: int = 1
@@ -59,6 +64,9 @@ class ServeOptions:
     def __post_init__(self) -> None:
         check_field("ServeOptions", "port", is_int(self.port) and 0 <= self.port <= 65535,
                     "an integer in [0, 65535]", self.port)
+        check_field("ServeOptions", "http_port", self.http_port is None or (
+            is_int(self.http_port) and 0 <= self.http_port <= 65535),
+            "None or an integer in [0, 65535]", self.http_port)
         check_field("ServeOptions", "replicas", is_int(self.replicas) and self.replicas >= 1,
                     "an integer >= 1", self.replicas)
         check_field("ServeOptions", "max_queue_per_replica",
@@ -79,6 +87,10 @@ class Server:
         self.gateway: Gateway | None = None
         self.server: grpc.aio.Server | None = None
         self.address: str | None = None
+        self.http = None
+        """The OpenAIHttpServer, when `options.http_port` is set."""
+        self.http_address: str | None = None
+        """Its base URL, http(s)://host:port (the API is under /v1)."""
         self.instance = uuid.uuid4().hex[:8]
         self._started_ray = False
 
@@ -123,15 +135,26 @@ class Server:
         await self.server.start()
         await set_serving(health, [GATEWAY_SERVICE], True)
         self.address = f"{options.host}:{port}"
-        logger.info("gateway serves %s on %s (auth %s, TLS %s)", name, self.address,
-                    "on" if tokens else "off", "on" if credentials else "off")
+        if options.http_port is not None:
+            # Imported only here: a gRPC-only server runs without fastapi and uvicorn.
+            from pagedserve.cluster.openai_server import OpenAIHttpServer
+
+            self.http = OpenAIHttpServer(self.gateway, tokens, options.host, options.http_port,
+                                         options.tls_cert, options.tls_key,
+                                         options.tls_client_ca)
+            self.http_address = await self.http.start()
+        logger.info("gateway serves %s on %s, OpenAI HTTP %s (auth %s, TLS %s)", name,
+                    self.address, self.http_address or "off", "on" if tokens else "off",
+                    "on" if credentials else "off")
         return self.address
 
     async def stop(self, grace_s: float = 5.0) -> None:
         import ray
 
-        if self.server is not None:
-            await self.server.stop(grace=grace_s)
+        fronts = [self.server.stop(grace=grace_s)] if self.server is not None else []
+        if self.http is not None:
+            fronts.append(self.http.stop(grace_s))
+        await asyncio.gather(*fronts)
         if self.gateway is not None:
             await self.gateway.close()
         for handle in self.coordinators:

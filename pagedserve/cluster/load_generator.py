@@ -1,5 +1,7 @@
-"""Load generation against a served pagedserve: Poisson arrivals over GenerateStream, with the
-metrics `vllm bench serve` reports (request throughput, output tokens/s, TTFT, TPOT, ITL)."""
+"""Load generation against a served model: Poisson arrivals over pagedserve's GenerateStream
+(`run_load`) or any OpenAI-compatible streaming /v1/completions (`run_openai_load`: pagedserve's
+HTTP API, vLLM, `transformers serve`), with the metrics `vllm bench serve` reports (request
+throughput, output tokens/s, TTFT, TPOT, ITL), named alike for both."""
 
 from __future__ import annotations
 
@@ -8,6 +10,10 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -23,57 +29,114 @@ def _summary(name: str, values: list[float]) -> dict:
             f"p99_{name}_ms": _percentile(values, 99) * 1e3}
 
 
+@dataclass
+class _Latencies:
+    """What the requests of one run measured."""
+
+    ttfts: list[float] = field(default_factory=list)
+    tpots: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+    failures: int = 0
+
+    def record(self, start: float, arrivals: list[float], tokens: int) -> None:
+        """One request: when it was sent, when each message with tokens arrived, and how
+        many tokens it got."""
+        self.tokens += tokens
+        if not arrivals:
+            return
+        self.ttfts.append(arrivals[0] - start)
+        self.itls.extend(later - earlier for earlier, later in pairwise(arrivals))
+        if tokens > 1:
+            self.tpots.append((arrivals[-1] - arrivals[0]) / (tokens - 1))
+
+
+async def _drive(prompts, lengths, rate: float, seed: int,
+                 one: Callable[[Any, int, _Latencies], Awaitable[None]]) -> dict:
+    """Send every (prompt, max_tokens) through `one` with Poisson arrivals at `rate`."""
+    rng = random.Random(seed)
+    latencies = _Latencies()
+    started = time.perf_counter()
+    tasks = []
+    for prompt, max_tokens in zip(prompts, lengths, strict=True):
+        tasks.append(asyncio.ensure_future(one(prompt, max_tokens, latencies)))
+        if math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    completed = len(prompts) - latencies.failures
+    return {"request_rate": rate if math.isfinite(rate) else "inf", "duration_s": elapsed,
+            "completed": completed, "failed": latencies.failures,
+            "request_throughput": completed / elapsed,
+            "output_throughput": latencies.tokens / elapsed, "output_tokens": latencies.tokens,
+            **_summary("ttft", latencies.ttfts), **_summary("tpot", latencies.tpots),
+            **_summary("itl", latencies.itls)}
+
+
 async def run_load(address: str, prompts, lengths, rate: float, seed: int) -> dict:
+    """Greedy token-id requests with EOS ignored over GenerateStream at `address`."""
     import grpc
 
     from pagedserve.protos.v1 import generation_pb2 as pb
     from pagedserve.protos.v1 import generation_pb2_grpc
 
-    rng = random.Random(seed)
     async with grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
-        ttfts, tpots, itls, tokens = [], [], [], 0
-        failures = 0
 
-        async def one(prompt, max_tokens):
-            nonlocal tokens, failures
+        async def one(prompt, max_tokens: int, latencies: _Latencies) -> None:
             request = pb.GenerateRequest(
                 token_ids=pb.TokenIds(ids=prompt),
                 sampling=pb.SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                            ignore_eos=True))
             start = time.perf_counter()
-            last, times, count = start, [], 0
+            arrivals, count = [], 0
             try:
                 async for message in stub.GenerateStream(request):
                     if message.HasField("delta"):
-                        now = time.perf_counter()
-                        times.append(now - last)
-                        last = now
+                        arrivals.append(time.perf_counter())
                         count += len(message.delta.token_ids)
             except grpc.aio.AioRpcError:
-                failures += 1
+                latencies.failures += 1
                 return
-            tokens += count
-            if times:
-                ttfts.append(times[0])
-                itls.extend(times[1:])
-                if count > 1:
-                    tpots.append((last - start - times[0]) / (count - 1))
+            latencies.record(start, arrivals, count)
 
-        started = time.perf_counter()
-        tasks = []
-        for prompt, max_tokens in zip(prompts, lengths, strict=True):
-            tasks.append(asyncio.ensure_future(one(prompt, max_tokens)))
-            if math.isfinite(rate):
-                await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
-    return {"request_rate": rate if math.isfinite(rate) else "inf", "duration_s": elapsed,
-            "completed": len(prompts) - failures,
-            "failed": failures, "request_throughput": (len(prompts) - failures) / elapsed,
-            "output_throughput": tokens / elapsed, "output_tokens": tokens,
-            **_summary("ttft", ttfts), **_summary("tpot", tpots), **_summary("itl", itls)}
+        return await _drive(prompts, lengths, rate, seed, one)
+
+
+async def run_openai_load(base_url: str, model: str, prompts, lengths, rate: float, seed: int,
+                          extra_fields: Callable[[int], dict] = lambda max_tokens: {},
+                          api_key: str | None = None) -> dict:
+    """Greedy streaming completions at `base_url` (as the openai client takes it: .../v1);
+    `extra_fields(max_tokens)` adds the server's own fields (e.g. `ignore_eos`). A chunk with
+    text or an unfinished choice is a token arrival, the usage chunk gives the token count
+    (else: the arrivals)."""
+    from pagedserve.cluster.sse_client import stream_events
+
+    async def one(prompt, max_tokens: int, latencies: _Latencies) -> None:
+        payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                   "temperature": 0.0, "stream": True,
+                   "stream_options": {"include_usage": True}, **extra_fields(max_tokens)}
+        start = time.perf_counter()
+        arrivals, usage_tokens = [], None
+        try:
+            async for chunk in stream_events(base_url, "/completions", payload, api_key):
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"])
+                # A chunk that only ends a choice (no text; `transformers serve` sends one)
+                # brings no token.
+                if any(choice.get("text") or choice.get("finish_reason") is None
+                       for choice in chunk.get("choices") or ()):
+                    arrivals.append(time.perf_counter())
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"]["completion_tokens"]
+        except Exception:  # refused, cut off or malformed: a failed request, as vLLM counts
+            latencies.failures += 1
+            return
+        latencies.record(start, arrivals, len(arrivals) if usage_tokens is None
+                         else usage_tokens)
+
+    return await _drive(prompts, lengths, rate, seed, one)
 
 
 def random_prompts(count: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:

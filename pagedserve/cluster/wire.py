@@ -7,10 +7,13 @@ optional fields take SamplingParams' defaults.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pagedserve.engine.beam_search import BeamSearchOutput, BeamSequence
 from pagedserve.engine.core import EngineCoreRequest, SequenceUpdate
+from pagedserve.metrics.coordinator_metrics import EngineSnapshot, RequestStart
+from pagedserve.metrics.gpu import GpuReading
 from pagedserve.protos.v1 import coordinator_pb2 as cpb
 from pagedserve.protos.v1 import generation_pb2 as pb
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
@@ -27,6 +30,17 @@ class RequestFailed:
 
     request_id: str
     error: BaseException
+
+
+class StepDelivery(list):
+    """One step's (request id, item) pairs for one subscriber, with the step's time (the
+    coordinator's time.monotonic()) and the RequestStarts of the first tokens among them."""
+
+    def __init__(self, items: Iterable[tuple[str, object]] = (), step_time: float = 0.0,
+                 starts: Iterable[RequestStart] = ()) -> None:
+        super().__init__(items)
+        self.step_time = step_time
+        self.starts = list(starts)
 
 
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
@@ -157,3 +171,26 @@ def beam_result_from_proto(message: cpb.BeamResult,
     return BeamSearchOutput(message.request_id, prompt_token_ids, [
         BeamSequence(list(s.token_ids), s.cumulative_logprob, score=s.score)
         for s in message.sequences])
+
+
+def snapshot_to_proto(snapshot: EngineSnapshot) -> cpb.EngineSnapshot:
+    stats = snapshot.stats
+    return cpb.EngineSnapshot(
+        num_running=stats.num_running, num_waiting=stats.num_waiting,
+        num_swapped=stats.num_swapped, num_requests=stats.num_requests,
+        kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
+        num_preemptions=stats.num_preemptions, prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits,
+        iteration_tokens_counts=snapshot.iteration_tokens_counts,
+        iteration_tokens_sum=snapshot.iteration_tokens_sum)
+
+
+def gpu_to_proto(rank: int, reading: GpuReading) -> pb.GpuStats:
+    message = pb.GpuStats(rank=rank, index=reading.index, uuid=reading.uuid, name=reading.name,
+                          memory_used_bytes=reading.memory_used_bytes,
+                          memory_total_bytes=reading.memory_total_bytes)
+    for name in ("utilization", "power_watts", "temperature_celsius"):
+        value = getattr(reading, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message

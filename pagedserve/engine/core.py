@@ -2,7 +2,10 @@
 
 Token ids in, token ids out: `add_request` queues a prompt's token ids with its sampling
 parameters, `step()` runs one scheduler step on every rank and returns what each sequence
-gained (new token ids, logprobs, finish reasons) with a stats snapshot. It holds no tokenizer
+gained (new token ids, logprobs, finish reasons) with a stats snapshot. With async scheduling
+(the default) a step is scheduled and sent while the previous one still runs on the ranks, and
+its results come back with the next step's call, so each `step()` reports the step before it.
+It holds no tokenizer
 and never imports torch or transformers, so it runs anywhere: in the offline `LLM`'s process
 and inside the coordinator actor. What it needs to know of the model (vocabulary, context
 length, KV block bytes, end-of-sequence ids) it asks the ranks. Beam search runs as drivers the
@@ -98,7 +101,10 @@ class EngineStats:
     step_seconds: float = 0.0
     """Wall time of this step as the core saw it (scheduling, dispatch, model, bookkeeping)."""
     execute_seconds: float = 0.0
-    """Of that, the time rank 0 spent in the step (the rest is control plane)."""
+    """Of that, the time rank 0 spent in the call (with async scheduling it includes waiting
+    for the previous step's GPU work)."""
+    gpu_idle_seconds: float = 0.0
+    """GPU idle time before the steps finished by this call (rank 0, CUDA only)."""
 
     @property
     def kv_cache_usage(self) -> float:
@@ -197,6 +203,8 @@ class EngineCore:
         executor.collective("init_cache", num_blocks, num_cpu_blocks, max_model_len,
                             tuple(self.eos_token_ids))
         self.max_model_len = max_model_len
+        self.num_gpu_blocks, self.num_cpu_blocks = num_blocks, num_cpu_blocks
+        self.token_budget = budget
         self.limits = ModelLimits(self.vocab_size, max_model_len, config.max_num_seqs)
         self.block_size = config.block_size
         self.scheduler = Scheduler(
@@ -220,6 +228,9 @@ class EngineCore:
         """Sequence id -> (request id, index), memoized for sequences that emit tokens."""
         self._with_cancelled: set[str] = set()
         """Requests with sequences cancelled before their split (see _Tracked.cancelled)."""
+        self._num_steps = 0
+        self._in_flight: SchedulerOutput | None = None
+        """The overlapped step whose results the ranks return with the next step's call."""
 
     def _fit_context(self, max_model_len: int, num_blocks: int) -> int:
         """A request of max_model_len tokens must fit the whole pool, or it could be admitted
@@ -338,7 +349,7 @@ class EngineCore:
             del self._tracked[request_id]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._tracked or self._beams or self._pending)
+        return bool(self._tracked or self._beams or self._pending) or self._in_flight is not None
 
     @property
     def num_requests(self) -> int:
@@ -352,19 +363,23 @@ class EngineCore:
         started = time.perf_counter()
         step = self.schedule()
         try:
-            result = self.executor.execute(step)
+            results = self.executor.execute(step)
         except Exception as error:
             self.fail_step(step, error)
-        return self.complete(step, result, started)
+        return self.complete(step, results, started)
 
     def schedule(self) -> SchedulerOutput:
-        """The first half of a step: what every rank runs next."""
+        """The first half of a step: what every rank runs next. It overlaps the step in flight
+        (returns before its tokens are known) unless beam search needs each step's logprobs
+        before the next is scheduled, or there is nothing to run: that step collects the one
+        in flight."""
         scheduler = self.scheduler
         unfinished, preemptions = scheduler.num_unfinished, scheduler.num_preemptions
         step = scheduler.schedule()
         for request in scheduler.take_dropped():
             self._close(request, self._pending)
         stuck = step.is_empty and not scheduler.running and scheduler.has_unfinished() \
+            and self._in_flight is None \
             and (unfinished, preemptions) == (scheduler.num_unfinished,
                                               scheduler.num_preemptions)
         if stuck and not any(driver.release_paused(scheduler)
@@ -372,14 +387,23 @@ class EngineCore:
             self.executor.execute(step)  # still tell the workers what to forget
             raise NoProgressError("scheduler made no progress with requests waiting; the KV "
                                   "cache is too small for the waiting prompts")
+        step.overlap = self.config.async_scheduling and not step.is_empty and not self._beams
+        self._num_steps += 1
+        step.step_id = self._num_steps
         return step
 
     def fail_step(self, step: SchedulerOutput, error: Exception) -> None:
         """Abort what a failed step touched (everything, if the ranks are gone) and raise."""
+        in_flight, self._in_flight = self._in_flight, None
+        for failed in (in_flight, step):
+            if failed is not None:
+                self.scheduler.forget_unwritten_blocks(failed)
         if isinstance(error, WorkerFailure):
             victims = set(self._tracked) | set(self._beams)
         else:
-            victims = {_split_sequence_id(item.request_id)[0] for item in step.scheduled}
+            victims = {_split_sequence_id(item.request_id)[0]
+                       for failed in (step, in_flight) if failed is not None
+                       for item in failed.scheduled}
         updates = self._pending
         self._pending = []
         for request_id in victims:
@@ -397,13 +421,47 @@ class EngineCore:
         return [SequenceUpdate(request_id, index, finish_reason="abort")
                 for index in range(tracked.num_sequences) if index not in tracked.finished]
 
-    def complete(self, step: SchedulerOutput, result: StepResult,
+    def complete(self, step: SchedulerOutput, results: list[StepResult],
                  started: float | None = None) -> EngineCoreOutputs:
-        """The second half of a step: append the sampled tokens and report them."""
-        scheduler = self.scheduler
-        emitted = scheduler.update(step, result.sampled)
+        """The second half of a step: the ranks' results (of the step in flight before `step`,
+        then of `step` unless it overlaps) become sampled tokens and reports."""
+        finished = [done for done in (self._in_flight, None if step.overlap else step)
+                    if done is not None]
+        self._in_flight = step if step.overlap else None
+        # A result of a step that failed on this side (its requests are aborted) is dropped.
+        by_step = {result.step_id: result for result in results}
+        missing = [done.step_id for done in finished if done.step_id not in by_step]
+        if missing:
+            raise Internal(f"the ranks returned no result for steps {missing}")
         outputs = EngineCoreOutputs(updates=self._pending)
         self._pending = []
+        for done in finished:
+            self._apply(done, by_step[done.step_id], outputs)
+        scheduler = self.scheduler
+        for request_id in list(self._with_cancelled):
+            tracked = self._tracked.get(request_id)
+            for index in list(tracked.cancelled if tracked is not None else ()):
+                sequence_id = child_request_id(request_id, index)
+                if sequence_id in scheduler.requests:  # the split made it just now
+                    scheduler.abort_request(sequence_id)
+                    tracked.cancelled.discard(index)
+            if tracked is None or not tracked.cancelled:
+                self._with_cancelled.discard(request_id)
+        if not step.overlap:  # beam search steps never overlap
+            for request_id, driver in list(self._beams.items()):
+                done = driver.on_step(scheduler, by_step[step.step_id])
+                if done is not None:
+                    del self._beams[request_id]
+                    outputs.beam_outputs.append(done)
+        outputs.timestamp = time.monotonic()
+        outputs.stats = self.stats(step, results[-1] if results else None, started)
+        outputs.stats.gpu_idle_seconds = sum(result.gpu_idle_seconds for result in results)
+        return outputs
+
+    def _apply(self, step: SchedulerOutput, result: StepResult,
+               outputs: EngineCoreOutputs) -> None:
+        """One finished step's sampled tokens into the scheduler and `outputs`."""
+        emitted = self.scheduler.update(step, result.sampled)
         for item in step.scheduled:
             if item.new_request is None:  # seen by the ranks before, so scheduled before
                 continue
@@ -434,23 +492,6 @@ class EngineCore:
                 self._finish_update(update, request)
                 del owners[request.request_id]
             outputs.updates.append(update)
-        for request_id in list(self._with_cancelled):
-            tracked = self._tracked.get(request_id)
-            for index in list(tracked.cancelled if tracked is not None else ()):
-                sequence_id = child_request_id(request_id, index)
-                if sequence_id in scheduler.requests:  # the split made it just now
-                    scheduler.abort_request(sequence_id)
-                    tracked.cancelled.discard(index)
-            if tracked is None or not tracked.cancelled:
-                self._with_cancelled.discard(request_id)
-        for request_id, driver in list(self._beams.items()):
-            done = driver.on_step(scheduler, result)
-            if done is not None:
-                del self._beams[request_id]
-                outputs.beam_outputs.append(done)
-        outputs.timestamp = time.monotonic()
-        outputs.stats = self.stats(step, result, started)
-        return outputs
 
     def _finish_update(self, update: SequenceUpdate, request: Request) -> None:
         update.finish_reason = request.finish_reason.value
@@ -492,6 +533,32 @@ class EngineCore:
             step_tokens=0 if step is None else step.num_batched_tokens,
             step_seconds=0.0 if started is None else time.perf_counter() - started,
             execute_seconds=0.0 if result is None else result.execute_seconds)
+
+    # ---- new ranks after a failure ------------------------------------------------------------
+
+    def requeue_for_new_ranks(self) -> None:
+        """The ranks died: forget the step in flight and all they held (KV and swap pools,
+        their copy of each request). Every request starts over by recompute from its prompt and
+        the tokens it has, so its stream goes on with nothing missing or repeated; a beam search
+        starts over from its prompt (its one output comes at the end). Then `attach_ranks`."""
+        self._in_flight = None
+        self.scheduler.requeue_all_for_recompute()
+        for request_id, driver in list(self._beams.items()):
+            driver.abort(self.scheduler)
+            fresh = BeamSearchDriver(request_id, driver.prompt_token_ids, driver.params,
+                                     frozenset(self.eos_token_ids), self.max_model_len)
+            fresh.start(self.scheduler)
+            self._beams[request_id] = fresh
+
+    def attach_ranks(self, executor: Executor) -> None:
+        """Continue on `executor`'s new ranks, with pools of the sizes the first ranks had."""
+        available = min(executor.collective("num_gpu_blocks", self.token_budget))
+        if available < self.num_gpu_blocks:
+            raise ResourceExhausted(f"the new ranks hold {available} KV blocks, fewer than the "
+                                    f"{self.num_gpu_blocks} this replica's scheduler uses")
+        executor.collective("init_cache", self.num_gpu_blocks, self.num_cpu_blocks,
+                            self.max_model_len, tuple(self.eos_token_ids))
+        self.executor = executor
 
     def shutdown(self) -> None:
         """Stop the ranks (Ray actors are killed, their devices freed); the core is unusable."""

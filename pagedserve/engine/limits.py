@@ -27,16 +27,16 @@ class ModelLimits:
         check_type("prompt_token_ids", token_ids, "a list of integers",
                    isinstance(token_ids, list))
         if not token_ids:
-            raise InvalidArgument("prompt must contain at least one token")
+            raise InvalidArgument("prompt must contain at least one token", field="prompt")
         vocab = self.vocab_size
         bad = [t for t in token_ids if not is_int(t) or not 0 <= t < vocab]
         if bad:
             raise InvalidArgument(f"prompt_token_ids must be integers in [0, {vocab}), got "
-                                  f"{bad[:5]}")
+                                  f"{bad[:5]}", field="prompt")
         if len(token_ids) >= self.max_model_len:
             raise InvalidArgument(f"prompt has {len(token_ids)} tokens; it must be shorter than "
                                   f"max_model_len ({self.max_model_len}) to leave room for "
-                                  "output")
+                                  "output", field="prompt")
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
         """Strict (served requests): prompt + max_tokens must fit the context."""
@@ -44,7 +44,8 @@ class ModelLimits:
             room = self.max_model_len - num_prompt_tokens
             raise InvalidArgument(f"SamplingParams.max_tokens must be in [1, {room}] for this "
                                   f"{num_prompt_tokens}-token prompt (max_model_len "
-                                  f"{self.max_model_len}), got {max_tokens}")
+                                  f"{self.max_model_len}), got {max_tokens}",
+                                  field="SamplingParams.max_tokens")
 
     def check_params(self, params: SamplingParams | BeamSearchParams) -> None:
         """n and beam width within max_num_seqs; token ids in the parameters in the vocab."""
@@ -52,9 +53,10 @@ class ModelLimits:
         if isinstance(params, BeamSearchParams):
             if params.beam_width > limit:
                 raise InvalidArgument(f"BeamSearchParams.beam_width must be in [1, {limit}] "
-                                      f"(max_num_seqs), got {params.beam_width}")
+                                      f"(max_num_seqs), got {params.beam_width}",
+                                      field="BeamSearchParams.beam_width")
             return
         if params.n > limit:
             raise InvalidArgument(f"SamplingParams.n must be in [1, {limit}] (max_num_seqs), "
-                                  f"got {params.n}")
+                                  f"got {params.n}", field="SamplingParams.n")
         params.check_vocab(self.vocab_size)

@@ -22,7 +22,7 @@ class LocalExecutor:
         self._check_alive()
         return [getattr(self.worker, method)(*args)]
 
-    def execute(self, step: SchedulerOutput) -> StepResult:
+    def execute(self, step: SchedulerOutput) -> list[StepResult]:
         self._check_alive()
         return self.worker.execute(step)
 

@@ -52,8 +52,18 @@ class RankActor:
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)
 
-    def execute(self, step: SchedulerOutput) -> StepResult:
+    def execute(self, step: SchedulerOutput) -> list[StepResult]:
         return self.worker.execute(step)
+
+    def gpu_telemetry(self) -> list:
+        """NVML readings (`metrics.gpu.GpuReading`) of the GPUs Ray gave this rank; none on
+        CPU. It touches no worker state, so it may run while a compiled graph's loop holds
+        the actor's system thread."""
+        import ray
+
+        from pagedserve.metrics.gpu import read_gpus
+
+        return read_gpus(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
 
 class RayExecutor:
@@ -122,8 +132,8 @@ class RayExecutor:
                 self._fail(error)
         return [w.execute.remote(step) for w in self.workers]
 
-    def wait(self, submitted: Any) -> StepResult:
-        """Rank 0's result of a submitted step (every rank must finish it)."""
+    def wait(self, submitted: Any) -> list[StepResult]:
+        """Rank 0's results for a submitted step (every rank must finish it)."""
         if self.use_compiled_graph:
             try:
                 return self._ray.get(submitted, timeout=self.step_timeout_s)[0]
@@ -131,7 +141,7 @@ class RayExecutor:
                 self._fail(error)
         return self._get(submitted, timeout=self.step_timeout_s)[0]
 
-    def execute(self, step: SchedulerOutput) -> StepResult:
+    def execute(self, step: SchedulerOutput) -> list[StepResult]:
         return self.wait(self.submit(step))
 
     def _get(self, refs: list, timeout: float | None) -> list[Any]:

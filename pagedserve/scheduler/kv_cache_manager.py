@@ -84,7 +84,9 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         table = self.block_tables[request.request_id]
-        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        # Tokens past num_tokens are pending samples: their ids (and so the hash) are unknown.
+        computed = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(computed // self.block_size, len(table))
         done = self._num_hashed_blocks.get(request.request_id, 0)
         if num_full <= done:
             return

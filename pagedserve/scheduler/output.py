@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import SamplingParams
 
+PLACEHOLDER_TOKEN_ID = -1
+"""Stands for a token sampled by the step still running (overlapped scheduling); the ranks put
+that step's sampled id there on the device."""
+
 
 @dataclass
 class NewRequestData:
@@ -22,7 +26,8 @@ class ScheduledRequest:
 
     request_id: str
     token_ids: list[int]
-    """Tokens whose KV is computed this step."""
+    """Tokens whose KV is computed this step; the last may be PLACEHOLDER_TOKEN_ID (sampled for
+    this request by the previous step, whose result is not back yet)."""
     start_position: int
     """Position of token_ids[0] (= tokens already computed)."""
     table_start: int
@@ -58,6 +63,16 @@ class SchedulerOutput:
     """(src, dst) GPU block pairs for copy-on-write; run before this step's KV writes."""
     forgotten_request_ids: list[str] = field(default_factory=list)
     """Requests the workers should drop (finished, aborted or preempted since the last step)."""
+    overlap: bool = False
+    """Return without waiting for this step's sampled tokens: the ranks hand them back with the
+    next step's call, so the host schedules step N+1 while step N runs. A step with overlap False
+    returns its own result (after the previous step's, if that one overlapped)."""
+    step_id: int = 0
+    """Set by the engine core; the ranks' results name it (a result may come a call later)."""
+    requests: list = field(default_factory=list, repr=False)
+    """The scheduler's Request behind each scheduled item, so that a result arriving after the
+    next step was scheduled finds the same request and not a new one under a reused id. It
+    stays with the scheduler: not sent to the ranks."""
 
     @property
     def is_empty(self) -> bool:
@@ -68,6 +83,7 @@ class SchedulerOutput:
     def __getstate__(self) -> dict:
         items = self.scheduled
         state = dict(self.__dict__)
+        del state["requests"]
         state["scheduled"] = (
             [i.request_id for i in items], [i.token_ids for i in items],
             [i.start_position for i in items], [i.table_start for i in items],
@@ -83,6 +99,7 @@ class SchedulerOutput:
                                                   slots, samples, strict=True)]
         for index, data in new.items():
             state["scheduled"][index].new_request = data
+        state["requests"] = []
         self.__dict__.update(state)
 
 
@@ -108,4 +125,9 @@ class StepResult:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     """request id -> (index of the first prompt token covered, logprobs of consecutive tokens)."""
     execute_seconds: float = 0.0
-    """Wall time of the step on the rank that returned it (model, sampling and block moves)."""
+    """Wall time of the call on the rank that returned it (model, sampling and block moves)."""
+    step_id: int = 0
+    """The SchedulerOutput.step_id this is the result of."""
+    gpu_idle_seconds: float = 0.0
+    """How long the GPU sat idle between the previous step's work and this one's (CUDA events;
+    0 elsewhere): the control-plane time that async scheduling hides."""

@@ -47,6 +47,9 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
+    """Tokens scheduled to be sampled whose ids are not known yet (the step that samples them is
+    still running: overlapped scheduling); they count toward num_computed_tokens' target."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
@@ -76,6 +79,21 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens once every pending sample is known: what num_computed_tokens catches up with."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    def needs_no_more_samples(self, max_model_len: int) -> bool:
+        """Whether the samples already pending reach max_tokens or the context: scheduling
+        another would compute a token no one receives."""
+        if not self.num_pending_tokens:
+            return False
+        max_tokens = self.sampling_params.max_tokens
+        return (max_tokens is not None
+                and self.num_output_tokens + self.num_pending_tokens >= max_tokens) \
+            or self.num_scheduled_tokens >= max_model_len
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""

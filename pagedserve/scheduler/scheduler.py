@@ -1,9 +1,12 @@
 """Iteration-level (continuous batching) scheduler over the paged KV cache.
 
 Each request's `num_computed_tokens` catches up with its `num_tokens` (prompt + output); a step
-gives every request part of the gap under one token budget. Chunked prefill, prefix-cache hits
-(which advance num_computed_tokens for free) and recompute after preemption (which resets it) are
-therefore one mechanism. Running requests are served first, then swapped ones, then waiting ones.
+gives every request part of the gap under one token budget. A token scheduled to be sampled counts
+as pending until `update()` brings its id, so the next step can be scheduled before this one's
+result is back (overlapped scheduling): that step feeds a placeholder the ranks fill in.
+Chunked prefill, prefix-cache hits (which advance num_computed_tokens for free) and recompute
+after preemption (which resets it) are therefore one mechanism. Running requests are served
+first, then swapped ones, then waiting ones.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from pagedserve.errors import AlreadyExists
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import CacheConfig, ConfigError, SchedulerConfig
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager, TableUpdate
-from pagedserve.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
+from pagedserve.scheduler.output import (
+    PLACEHOLDER_TOKEN_ID,
+    NewRequestData,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from pagedserve.scheduler.policies import (
     DEFAULT_VICTIM_POLICIES,
     SERVICE_ORDERS,
@@ -203,7 +211,9 @@ class Scheduler:
         """Tokens whose KV must exist before the next sample (a fork parent stops one short)."""
         if request.request_id in self._fork_pending:
             return request.num_prompt_tokens - 1
-        return request.num_tokens
+        if request.needs_no_more_samples(self.config.max_model_len):
+            return request.num_computed_tokens
+        return request.num_scheduled_tokens
 
     def _chunk(self, num_new: int, budget: int) -> int:
         threshold = self.config.long_prefill_token_threshold
@@ -256,7 +266,8 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
-        if self.kv.num_blocks_for(request.num_tokens) > self.cache_config.num_gpu_blocks:
+        if self.kv.num_blocks_for(request.num_scheduled_tokens) > \
+                self.cache_config.num_gpu_blocks:
             logger.warning("request %s outgrew the whole KV cache (%d tokens); finishing it",
                            request.request_id, request.num_tokens)
             self._finish(request, FinishReason.LENGTH)
@@ -301,6 +312,10 @@ class Scheduler:
             if num_new > 0:
                 self._emit(request, num_new, update, out)
                 budget -= num_new
+            elif request.request_id in self._fork_pending:
+                # Its shared prefill finished in a step whose result came after it was swapped
+                # out (overlapped scheduling): it splits now, as update() would have done.
+                self._fork(request)
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -359,19 +374,61 @@ class Scheduler:
             slots = [table[start // size] * size + start % size]
         else:
             slots = [table[p // size] * size + p % size for p in range(start, start + num_new)]
-        request.num_computed_tokens = start + num_new
+        end = start + num_new
+        known = min(end, request.num_tokens)
+        token_ids = request.token_ids(start, known)
+        if known < end:  # the token sampled by the step still running
+            token_ids.append(PLACEHOLDER_TOKEN_ID)
+        request.num_computed_tokens = end
+        # Full blocks become cache entries now, not after the step: a request admitted later
+        # in this step (or the next one, scheduled before this one returns) shares them. Every
+        # rank writes a layer's KV for the whole batch before that layer's attention reads it,
+        # and steps run in order, so no one reads a block before it is written.
+        self.kv.cache_computed_blocks(request)
+        sample = end == request.num_scheduled_tokens
+        if sample:
+            request.num_pending_tokens += 1
+        out.requests.append(request)
         out.scheduled.append(ScheduledRequest(
             request_id=request_id,
-            token_ids=request.token_ids(start, start + num_new),
+            token_ids=token_ids,
             start_position=start,
             table_start=update.start,
             table_blocks=update.block_ids,
             slot_mapping=slots,
-            sample=request.num_computed_tokens == request.num_tokens,
+            sample=sample,
             new_request=new_data,
         ))
         out.blocks_to_copy.extend(update.copies)
         out.num_batched_tokens += num_new
+
+    def requeue_all_for_recompute(self) -> None:
+        """Every KV block (GPU and swap) was lost with the ranks that held it: each unfinished
+        sequence goes back to the waiting queue, ahead of those already waiting and in service
+        order, to be recomputed from its prompt and the tokens it was given (a token still
+        pending is dropped: its step's result never came). The prefix cache starts empty."""
+        lost = [*self.running, *self.paused.values(), *self.swapped]
+        self.running, self.swapped = [], deque()
+        self.paused.clear()
+        for request in sorted(lost, key=self.service_order, reverse=True):
+            self.kv.free(request.request_id)
+            request.num_computed_tokens = 0
+            request.num_pending_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            self.waiting.push_front(request)
+        for request in self.requests.values():
+            request.num_pending_tokens = 0
+        self.kv.pool.reset_prefix_cache()
+        self._known_to_workers.clear()
+        self._forgotten = []
+
+    def forget_unwritten_blocks(self, out: SchedulerOutput) -> None:
+        """After `out` failed on the ranks: drop the prefix-cache entries of the blocks it was
+        to write (their KV may never have been computed)."""
+        size = self.kv.block_size
+        for item in out.scheduled:
+            for block_id in {slot // size for slot in item.slot_mapping}:
+                self.kv.pool.uncache(block_id)
 
     # ---- after the model ran --------------------------------------------------------------
 
@@ -379,22 +436,28 @@ class Scheduler:
         """Append sampled tokens, index newly full blocks, apply stop conditions.
 
         Returns the requests that received a token this step (finished ones included, with
-        status FINISHED); requests aborted since `schedule()` are skipped.
+        status FINISHED); requests finished or aborted since `schedule()` are skipped. With
+        overlapped scheduling the next step is already scheduled: a request it preempted still
+        gets the token sampled for it here.
         """
         emitted = []
         finished = False
-        for item in out.scheduled:
-            request = self.requests.get(item.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+        for item, request in zip(out.scheduled, out.requests, strict=True):
+            if self.requests.get(item.request_id) is not request:  # finished or aborted since
                 continue
-            self.kv.cache_computed_blocks(request)
+            running = request.status is RequestStatus.RUNNING
+            if running:
+                self.kv.cache_computed_blocks(request)
             if item.sample:
+                request.num_pending_tokens -= 1
                 request.append_token(sampled[item.request_id])
                 emitted.append(request)
                 if request.check_stop(self.config.max_model_len):
+                    if not running:
+                        self._remove_from_queues(request)
                     self._release(request)
                     finished = True
-            elif (request.request_id in self._fork_pending
+            elif (running and request.request_id in self._fork_pending
                   and request.num_computed_tokens == request.num_prompt_tokens - 1):
                 self._fork(request)
         if finished:

@@ -2,12 +2,15 @@
 
 The worker keeps each request's block table and token history, updated from the deltas the
 scheduler sends, so a decode step ships one token and at most one block id per request. Block
-moves (swap out, swap in, copy-on-write) run before the forward, in that order.
+moves (swap out, swap in, copy-on-write) run before the forward, in that order. An overlapped
+step returns before its sampled ids reach the host: they stay on the device to fill the next
+step's placeholder tokens, and their host copies are read (and returned) during that next step,
+once its forward is queued.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,11 +21,17 @@ from pagedserve.kernels.block_ops import (
     swap_blocks_reference,
 )
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.output import SchedulerOutput, StepResult, TokenLogprobs
+from pagedserve.scheduler.output import (
+    PLACEHOLDER_TOKEN_ID,
+    SchedulerOutput,
+    StepResult,
+    TokenLogprobs,
+)
 from pagedserve.workers.cuda_graphs import DecodeGraphs
 from pagedserve.workers.layers.attention import AttentionMetadata, KVCache
 from pagedserve.workers.sampler import LogprobsTensors, compute_prompt_logprobs, sample
 from pagedserve.workers.sampling_batch import SamplingBatch, SamplingRequest
+from pagedserve.workers.transfer import to_device
 
 
 @dataclass
@@ -86,6 +95,14 @@ class ModelRunner:
         self.is_driver = model.tp.is_first_rank
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.states: dict[str, _RequestState] = {}
+        self._in_flight: _PendingResult | None = None
+        """The overlapped step whose result goes back with the next call."""
+        self._sampled_ids: torch.Tensor | None = None
+        """The last overlapped step's sampled ids, on the device, for placeholder tokens."""
+        self._sampled_rows: dict[str, int] = {}
+        """Request id -> its row in _sampled_ids."""
+        self._last_step_end: torch.cuda.Event | None = None
+        """Recorded after the last finished step's GPU work: the start of the idle gap."""
         self.graphs = None
         if cuda_graph_max_batch and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, kv_caches, block_size, max_model_len,
@@ -122,7 +139,7 @@ class ModelRunner:
             )
         copy = copy_blocks if on_gpu else copy_blocks_reference
         for wave in conflict_free_waves(step.blocks_to_copy):
-            mapping = torch.tensor(wave, dtype=torch.int64, device=self.device)
+            mapping = to_device(wave, torch.int64, self.device)
             copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
 
     # ---- inputs -------------------------------------------------------------------------
@@ -147,9 +164,7 @@ class ModelRunner:
         device = self.device
 
         def tensor(values, dtype):
-            # Built on the host, then one copy each; no pinned staging (allocating pinned
-            # memory every step costs more than these few kilobytes take to copy).
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(values, dtype, device)
 
         metadata = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
@@ -165,22 +180,60 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> StepResult:
-        """Apply block moves, run the forward, sample on the driver rank."""
+    def execute(self, step: SchedulerOutput) -> list[StepResult]:
+        """Apply block moves, run the forward, sample on the driver rank. Returns the results
+        of the steps that finished: the previous one if it overlapped, then this one unless it
+        overlaps (its sampled ids stay on the device for the next step's placeholders)."""
         self._apply_updates(step)
+        pending = _PendingResult(StepResult(step_id=step.step_id))
+        if self.device.type == "cuda" and step.scheduled:
+            pending.started = torch.cuda.Event(enable_timing=True)
+            pending.started.record()
         self._move_blocks(step)
-        result = StepResult()
-        if not step.scheduled:
-            return result
+        previous, self._in_flight = self._in_flight, None
+        finished = []
+        logits = None
+        sample_rows: list[int] = []
+        if step.scheduled:
+            logits, sample_rows = self._forward(step, pending)
+        # Placeholders name only the step just before theirs; an overlapped step sets new ones.
+        self._sampled_ids, self._sampled_rows = None, {}
+        if previous is not None:
+            # After this step's forward is queued: the device runs it while the host waits.
+            finished.append(self._resolve(previous))
+        if sample_rows:
+            self._sample(step, sample_rows, logits, pending, overlap=step.overlap)
+        if self.device.type == "cuda":
+            pending.ready = torch.cuda.Event(enable_timing=pending.started is not None)
+            pending.ready.record()
+        if step.overlap:
+            self._in_flight = pending
+        else:
+            finished.append(self._resolve(pending))
+        return finished
+
+    def _resolve(self, pending: _PendingResult) -> StepResult:
+        result = pending.resolve(self.states)
+        if pending.started is not None:  # both events have passed: ready waited for them
+            if self._last_step_end is not None:
+                result.gpu_idle_seconds = \
+                    self._last_step_end.elapsed_time(pending.started) / 1e3
+            self._last_step_end = pending.ready
+        return result
+
+    def _forward(self, step: SchedulerOutput, pending: _PendingResult):
+        """Queue the forward (and prompt logprobs); returns logits of the rows that sample."""
+        fill = self._placeholder_filler(step)
         is_decode = all(item.num_tokens == 1 for item in step.scheduled)
         if self.graphs is not None and is_decode and self.graphs.fits(len(step.scheduled)):
             tables = [self.states[item.request_id].block_table for item in step.scheduled]
-            hidden = self.graphs.run(step, tables)
+            hidden = self.graphs.run(step, tables, fill)
             query_start_loc = list(range(len(step.scheduled) + 1))
         else:
             input_ids, positions, metadata, query_start_loc = self._prepare(step)
+            if fill is not None:
+                fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-
         sample_rows = [i for i, item in enumerate(step.scheduled) if item.sample]
         prompt_rows = [i for i, item in enumerate(step.scheduled)
                        if self.states[item.request_id].params.prompt_logprobs is not None
@@ -188,36 +241,64 @@ class ModelRunner:
                                                      .prompt_token_ids) - 1]
         last_token_index = [query_start_loc[i + 1] - 1 for i in sample_rows]
         logits = self.model.compute_logits(
-            hidden[torch.tensor(last_token_index, device=hidden.device)]) if sample_rows else None
+            hidden[to_device(last_token_index, torch.int64, hidden.device)]) if sample_rows \
+            else None
         if prompt_rows:
-            self._prompt_logprobs(step, prompt_rows, hidden, query_start_loc, result)
-        if not self.is_driver or logits is None:
-            return result
-        self._sample(step, sample_rows, logits, result)
-        return result
+            self._prompt_logprobs(step, prompt_rows, hidden, query_start_loc, pending)
+        return logits, sample_rows
 
-    def _sample(self, step: SchedulerOutput, rows: list[int], logits: torch.Tensor,
-                result: StepResult) -> None:
+    def _placeholder_filler(self, step: SchedulerOutput):
+        """None when no token of `step` is a placeholder; else a function that writes the
+        previous step's sampled ids (still on the device) into an input-id tensor in place."""
+        positions: list[int] = []
+        rows: list[int] = []
+        index = -1
+        for item in step.scheduled:
+            index += item.num_tokens
+            if item.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                row = self._sampled_rows.get(item.request_id)
+                if row is None:
+                    raise RuntimeError(f"request {item.request_id!r} has a placeholder token but "
+                                       "the previous step sampled nothing for it")
+                positions.append(index)
+                rows.append(row)
+        if not positions:
+            return None
+        sampled = self._sampled_ids
+        where = to_device([positions, rows], torch.int64, self.device)
+
+        def fill(input_ids: torch.Tensor) -> None:
+            input_ids[where[0]] = sampled[where[1]]
+        return fill
+
+    def _sample(self, step: SchedulerOutput, rows: list[int], logits: torch.Tensor | None,
+                pending: _PendingResult, overlap: bool) -> None:
         items = [step.scheduled[i] for i in rows]
-        states = [self.states[item.request_id] for item in items]
-        batch = SamplingBatch.from_requests(
-            [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids) for s in states],
-            self.vocab_size, self.device, self.eos_token_ids)
-        output = sample(logits, batch, self.generator)
-        token_ids = output.token_ids.tolist()
-        for item, state, token_id in zip(items, states, token_ids, strict=True):
-            state.output_token_ids.append(token_id)
-            result.sampled[item.request_id] = token_id
-        if output.logprobs is not None:
-            wanted = [index for index, state in enumerate(states)
-                      if state.params.logprobs is not None]
-            entries = _to_token_logprobs(output.logprobs, wanted,
-                                         [states[index].params.logprobs for index in wanted])
-            for index, entry in zip(wanted, entries, strict=True):
-                result.logprobs[items[index].request_id] = entry
+        pending.sample_ids = [item.request_id for item in items]
+        token_ids = None
+        if self.is_driver:
+            states = [self.states[item.request_id] for item in items]
+            batch = SamplingBatch.from_requests(
+                [SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids)
+                 for s in states], self.vocab_size, self.device, self.eos_token_ids)
+            output = sample(logits, batch, self.generator)
+            token_ids = output.token_ids
+            if output.logprobs is not None:
+                pending.logprob_rows = [index for index, state in enumerate(states)
+                                        if state.params.logprobs is not None]
+                pending.logprob_tops = [states[index].params.logprobs
+                                        for index in pending.logprob_rows]
+                pending.logprobs = output.logprobs.to_host()
+            pending.token_ids = token_ids.to("cpu", non_blocking=True)
+        if overlap:
+            if token_ids is None:  # the other ranks get rank 0's ids for the next step
+                token_ids = torch.empty(len(items), dtype=torch.int64, device=self.device)
+            self._sampled_ids = self.model.tp.broadcast_from_first(token_ids)
+            self._sampled_rows = {request_id: row
+                                  for row, request_id in enumerate(pending.sample_ids)}
 
     def _prompt_logprobs(self, step: SchedulerOutput, rows: list[int], hidden: torch.Tensor,
-                         query_start_loc: list[int], result: StepResult) -> None:
+                         query_start_loc: list[int], pending: _PendingResult) -> None:
         for row in rows:
             item = step.scheduled[row]
             state = self.states[item.request_id]
@@ -228,9 +309,51 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[first:first + end - start])
             if logits is None:
                 continue
-            next_ids = torch.tensor(state.prompt_token_ids[start + 1:end + 1],
-                                    device=logits.device)
+            next_ids = to_device(state.prompt_token_ids[start + 1:end + 1], torch.int64,
+                                 logits.device)
             num_top = state.params.prompt_logprobs
             tensors = compute_prompt_logprobs(logits, next_ids, max(num_top, 1))
-            result.prompt_logprobs[item.request_id] = (
-                start + 1, _to_token_logprobs(tensors, range(end - start), num_top))
+            pending.prompt_logprobs.append((item.request_id, start + 1, end - start, num_top,
+                                            tensors.to_host()))
+
+
+@dataclass
+class _PendingResult:
+    """A step's result whose host copies may still be under way (read after `ready`)."""
+
+    result: StepResult
+    sample_ids: list[str] = field(default_factory=list)
+    """Request id of each sampled row."""
+    token_ids: torch.Tensor | None = None
+    """Host copy of the sampled ids (rank 0 only)."""
+    logprobs: LogprobsTensors | None = None
+    logprob_rows: list[int] = field(default_factory=list)
+    logprob_tops: list[int] = field(default_factory=list)
+    prompt_logprobs: list[tuple[str, int, int, int, LogprobsTensors]] = field(
+        default_factory=list)
+    """(request id, first prompt position covered, positions, top alternatives, host copies)."""
+    ready: torch.cuda.Event | None = None
+    """Recorded after the copies were queued; None on CPU (copies are done)."""
+    started: torch.cuda.Event | None = None
+    """Recorded before the step's first kernel (CUDA steps with work only)."""
+
+    def resolve(self, states: dict[str, _RequestState]) -> StepResult:
+        """Wait for the copies, then fill the result and extend the requests' histories."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        result = self.result
+        for request_id, start, count, num_top, tensors in self.prompt_logprobs:
+            result.prompt_logprobs[request_id] = (start, _to_token_logprobs(tensors,
+                                                                            range(count), num_top))
+        if self.token_ids is None:
+            return result
+        for request_id, token_id in zip(self.sample_ids, self.token_ids.tolist(), strict=True):
+            result.sampled[request_id] = token_id
+            state = states.get(request_id)
+            if state is not None:  # forgotten by now: finished, aborted or preempted
+                state.output_token_ids.append(token_id)
+        if self.logprobs is not None:
+            entries = _to_token_logprobs(self.logprobs, self.logprob_rows, self.logprob_tops)
+            for row, entry in zip(self.logprob_rows, entries, strict=True):
+                result.logprobs[self.sample_ids[row]] = entry
+        return result

@@ -33,6 +33,13 @@ class LogprobsTensors:
     top_token_ids: torch.Tensor  # int64 [N, K]
     top_logprobs: torch.Tensor  # f32 [N, K]
 
+    def to_host(self) -> LogprobsTensors:
+        """Host copies started without waiting (pinned memory, from a GPU): read them only once
+        the device has passed this point (an event recorded after this call)."""
+        return LogprobsTensors(*(tensor.to("cpu", non_blocking=True) for tensor in (
+            self.token_ids, self.token_logprobs, self.token_ranks, self.top_token_ids,
+            self.top_logprobs)))
+
 
 @dataclass
 class SamplerOutput:

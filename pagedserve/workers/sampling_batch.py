@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.workers.transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 # Below this, logits / temperature can overflow to inf (and inf - inf = NaN); such a temperature
@@ -48,16 +49,15 @@ def step_seed(seed: int, step: int) -> int:
 
 def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(row) for row in rows), default=0)
-    return torch.tensor([list(row) + [pad] * (width - len(row)) for row in rows],
-                        dtype=torch.int64, device=device).reshape(len(rows), width)
+    return to_device([list(row) + [pad] * (width - len(row)) for row in rows], torch.int64,
+                     device).reshape(len(rows), width)
 
 
 def _adjustment_tensors(adjustments: list[tuple[int, int, float]], device: torch.device
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, token_ids, values = zip(*adjustments, strict=True)
-    return (torch.tensor(rows, dtype=torch.int64, device=device),
-            torch.tensor(token_ids, dtype=torch.int64, device=device),
-            torch.tensor(values, dtype=torch.float32, device=device))
+    return (to_device(rows, torch.int64, device), to_device(token_ids, torch.int64, device),
+            to_device(values, torch.float32, device))
 
 
 @dataclass
@@ -102,7 +102,7 @@ class SamplingBatch:
         params = [request.params for request in requests]
 
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         def optional(values: list[float], off: float, dtype=torch.float32) -> torch.Tensor | None:
             return column(values, dtype) if any(v != off for v in values) else None

@@ -247,14 +247,15 @@ class Worker:
         """Whether decode steps replay captured CUDA graphs on this rank."""
         return self.runner is not None and self.runner.graphs is not None
 
-    def execute(self, step: SchedulerOutput) -> StepResult:
-        """Run one scheduler step on this rank (the result is meaningful on rank 0 only); the
-        result carries the step's wall time on this rank, so callers can tell their dispatch
-        overhead from the model's time."""
+    def execute(self, step: SchedulerOutput) -> list[StepResult]:
+        """Run one scheduler step on this rank; the results of the steps it finished (see
+        `ModelRunner.execute`; meaningful on rank 0 only). The last carries this call's wall
+        time on this rank, so callers can tell their dispatch overhead from the model's time."""
         start = time.perf_counter()
-        result = self.runner.execute(step)
-        result.execute_seconds = time.perf_counter() - start
-        return result
+        results = self.runner.execute(step)
+        if results:
+            results[-1].execute_seconds = time.perf_counter() - start
+        return results
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -58,7 +58,7 @@ def test_serve_stops_on_a_signal_and_leaves_no_process(signum, tmp_path):
         patch.setenv("PAGEDSERVE_CACHE", env["PAGEDSERVE_CACHE"])
         model = ensure_tiny_test_model()
     server = subprocess.Popen([sys.executable, "-m", "pagedserve", "serve", "--port", "0",
-                               "--device", "cpu", "--model", model],
+                               "--http-port", "-1", "--device", "cpu", "--model", model],
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = server.stdout.readline()

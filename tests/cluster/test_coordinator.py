@@ -309,6 +309,8 @@ def test_submit_and_stream_batch_every_request_of_a_step(replica, offline):
         batches, tokens, finish = [], defaultdict(list), {}
         async for ref in stream:
             batch = await ref
+            if not batch:  # the replica went idle (after an earlier test): only its stats
+                continue
             batches.append([request_id for request_id, _ in batch])
             for request_id, updates in batch:
                 for update in updates:
@@ -462,7 +464,8 @@ def _workers(handle) -> list:
 
 @pytest.mark.timeout(180)
 def test_a_killed_rank_ends_every_stream_and_the_replica_refuses_new_requests(checkpoint):
-    handle = start_coordinator(coordinator_config(checkpoint("llama"), 2))
+    """With no restarts allowed (tests/cluster/test_worker_recovery.py covers restarts)."""
+    handle = start_coordinator(coordinator_config(checkpoint("llama"), 2, max_worker_restarts=0))
     try:
         free_blocks = ray.get(handle.free_blocks.remote())
         workers = _workers(handle)

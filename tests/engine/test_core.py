@@ -31,8 +31,10 @@ NUM_BLOCKS = 64
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
+    # Synchronous steps: these tests read each step's own outputs (tests/engine/test_overlap.py
+    # covers the overlapped loop, whose step() reports the step before).
     return make_llm(checkpoint("llama"), num_gpu_blocks_override=NUM_BLOCKS,
-                    max_num_seqs=MAX_NUM_SEQS)
+                    max_num_seqs=MAX_NUM_SEQS, async_scheduling=False)
 
 
 @pytest.fixture
@@ -345,7 +347,8 @@ def test_stats_prefix_cache_counts(checkpoint):
     first 2 of its 3 outputs), so its block 2 never filled and holds no hash. 'd' with a cache
     salt finds nothing (queries 36, hits 16).
     """
-    llm = make_llm(checkpoint("llama"), num_gpu_blocks_override=NUM_BLOCKS)
+    llm = make_llm(checkpoint("llama"), num_gpu_blocks_override=NUM_BLOCKS,
+                   async_scheduling=False)  # prefix hits exactly as in lockstep steps
     core = llm.engine.core
     (prompt,) = make_prompts((9,), seed=260)
     start = core.stats()
@@ -389,7 +392,8 @@ def test_stats_through_a_preemption(checkpoint, hf):
     7th and 8th tokens; B finishes.
     """
     path = checkpoint("llama")
-    llm = make_llm(path, num_gpu_blocks_override=4, enable_prefix_caching=False)
+    llm = make_llm(path, num_gpu_blocks_override=4, enable_prefix_caching=False,
+                   async_scheduling=False)
     core = llm.engine.core
     assert core.max_model_len == 16
     prompts = make_prompts((4, 4), seed=270)

@@ -33,6 +33,6 @@ def test_stubs_import_and_declare_the_services():
     service = generation_pb2.DESCRIPTOR.services_by_name["Generation"]
     assert [m.name for m in service.methods] == [
         "Generate", "GenerateStream", "Abort", "Tokenize", "Detokenize", "GetModelInfo",
-        "GetServerLoad"]
+        "GetServerLoad", "GetServerStatus"]
     assert hasattr(generation_pb2_grpc, "GenerationStub")
     assert hasattr(coordinator_pb2_grpc, "CoordinatorStub")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
-from pagedserve.scheduler.output import SchedulerOutput
+from pagedserve.scheduler.output import PLACEHOLDER_TOKEN_ID, SchedulerOutput
 from pagedserve.scheduler.request import FinishReason, Request, RequestStatus
 from pagedserve.scheduler.scheduler import Scheduler, child_request_id
 
@@ -55,6 +55,8 @@ class FakeWorker:
         self.cpu = [POISON] * (block_size * max(num_cpu_blocks, 0))
         self.tables: dict[str, list[int]] = {}
         self.seeds: dict[str, int | None] = {}
+        self.last_sampled: dict[str, int] = {}
+        """What the previous step sampled: the ids behind this step's placeholder tokens."""
 
     def _move(self, src_store, src, dst_store, dst) -> None:
         size = self.block_size
@@ -88,6 +90,9 @@ class FakeWorker:
                                                        strict=True)):
                 position = item.start_position + offset
                 assert slot == table[position // size] * size + position % size
+                if token == PLACEHOLDER_TOKEN_ID:
+                    assert offset == len(item.token_ids) - 1, "placeholder before the last token"
+                    token = self.last_sampled[item.request_id]
                 self.gpu[slot] = token
         sampled = {}
         for item in out.scheduled:
@@ -97,6 +102,7 @@ class FakeWorker:
             history = [self.gpu[table[p // size] * size + p % size] for p in range(item.seq_len)]
             assert POISON not in history, f"{item.request_id} read a freed slot: {history}"
             sampled[item.request_id] = next_token(self.seeds[item.request_id], history)
+        self.last_sampled = sampled
         return sampled
 
     def poison_free_blocks(self, scheduler: Scheduler) -> None:
@@ -151,8 +157,11 @@ def check_step(scheduler: Scheduler, out: SchedulerOutput) -> None:
 
 
 def run_workload(specs: list[Spec], scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 max_steps: int = 5000, scheduler_factory=Scheduler) -> RunResult:
-    """Drive the scheduler and the fake worker until every request ended."""
+                 max_steps: int = 5000, scheduler_factory=Scheduler,
+                 overlap: bool = False) -> RunResult:
+    """Drive the scheduler and the fake worker until every request ended. With `overlap`, each
+    step is scheduled (and run) before the previous step's tokens reach the scheduler, as the
+    engine core's async scheduling does."""
     scheduler = scheduler_factory(scheduler_config, cache_config)
     worker = FakeWorker(cache_config.block_size, cache_config.num_gpu_blocks,
                         cache_config.num_cpu_blocks)
@@ -161,7 +170,8 @@ def run_workload(specs: list[Spec], scheduler_config: SchedulerConfig, cache_con
     aborted: set[str] = set()
     pending = sorted(specs, key=lambda s: s.arrival_step)
     step = 0
-    while pending or scheduler.has_unfinished():
+    in_flight: tuple[SchedulerOutput, dict[str, int]] | None = None
+    while pending or scheduler.has_unfinished() or in_flight is not None:
         assert step < max_steps, f"no progress after {max_steps} steps: {scheduler.requests}"
         while pending and pending[0].arrival_step <= step:
             spec = pending.pop(0)
@@ -180,7 +190,15 @@ def run_workload(specs: list[Spec], scheduler_config: SchedulerConfig, cache_con
         result.max_batched_tokens = max(result.max_batched_tokens, out.num_batched_tokens)
         seen.update(scheduler.requests)
         sampled = worker.execute(out)
-        scheduler.update(out, sampled)
+        if overlap and not out.is_empty:
+            if in_flight is not None:
+                scheduler.update(*in_flight)
+            in_flight = (out, sampled)
+        else:
+            if in_flight is not None:
+                scheduler.update(*in_flight)
+                in_flight = None
+            scheduler.update(out, sampled)
         check_step(scheduler, out)
         worker.poison_free_blocks(scheduler)
         seen.update(scheduler.requests)

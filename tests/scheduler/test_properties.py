@@ -69,12 +69,13 @@ def workloads(draw):
 
 
 @SETTINGS
-@given(workloads())
-def test_random_streams_keep_invariants_and_match_reference(workload):
+@given(workloads(), st.booleans())
+def test_random_streams_keep_invariants_and_match_reference(workload, overlap):
+    """Also with overlapped steps: step N+1 scheduled before step N's tokens are known."""
     specs, sched, cache = workload
     # run_workload checks invariants after every schedule() and update(), checks that every
     # request ends within max_steps, and that all GPU and CPU blocks are free at the end.
-    result = run_workload(specs, sched, cache, max_steps=3000)
+    result = run_workload(specs, sched, cache, max_steps=3000, overlap=overlap)
     expected = expected_outputs(specs, MAX_MODEL_LEN)
     for request_id, output in result.outputs.items():
         assert output == expected[request_id], request_id
@@ -164,3 +165,20 @@ def _assert_everything_returned(scheduler: Scheduler, cache: CacheConfig) -> Non
     if scheduler.kv.cpu_pool is not None:
         assert scheduler.kv.cpu_pool.num_free_blocks == cache.num_cpu_blocks
     scheduler.kv.check_invariants()
+
+
+def test_a_fork_parent_swapped_out_before_its_prefill_result_came_back_still_splits():
+    """Found by the property test above with overlap: r5 (n=2) finished its shared prefill in a
+    step whose result came after the next schedule() had swapped it out; back from swap with
+    nothing left to compute, it must split then (it hung, never scheduled again)."""
+    rows = [("r0", [0], 1, 0), ("r1", [0], 1, 0), ("r2", [0], 1, 0), ("r3", [0], 1, 0),
+            ("r4", [0, 0], 1, 0), ("r5", [0] * 6, 2, 1), ("r6", list(range(1, 10)), 1, 0)]
+    specs = [Spec(request_id, prompt, SamplingParams(n=n, seed=0), arrival_step=arrival)
+             for request_id, prompt, n, arrival in rows]
+    sched = SchedulerConfig(max_num_batched_tokens=9, max_num_seqs=7, max_model_len=MAX_MODEL_LEN,
+                            preemption_mode="swap", watermark=0.0)
+    cache = CacheConfig(block_size=BLOCK_SIZE, num_gpu_blocks=10, num_cpu_blocks=2,
+                        enable_prefix_caching=False)
+    result = run_workload(specs, sched, cache, max_steps=3000, overlap=True)
+    assert result.saw_swap
+    assert result.outputs == expected_outputs(specs, MAX_MODEL_LEN)

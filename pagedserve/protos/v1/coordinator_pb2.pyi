@@ -101,12 +101,68 @@ class RequestFailure(_message.Message):
     message: str
     def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class RequestStart(_message.Message):
+    __slots__ = ("request_id", "queue_seconds", "prefill_seconds")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    queue_seconds: float
+    prefill_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+
+class EngineSnapshot(_message.Message):
+    __slots__ = ("num_running", "num_waiting", "num_swapped", "num_requests", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "iteration_tokens_counts", "iteration_tokens_sum")
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_TOKENS_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_TOKENS_SUM_FIELD_NUMBER: _ClassVar[int]
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    num_requests: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    iteration_tokens_counts: _containers.RepeatedScalarFieldContainer[int]
+    iteration_tokens_sum: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., iteration_tokens_counts: _Optional[_Iterable[int]] = ..., iteration_tokens_sum: _Optional[int] = ...) -> None: ...
+
 class StepBatch(_message.Message):
-    __slots__ = ("updates", "beam_results", "failures")
+    __slots__ = ("updates", "beam_results", "failures", "step_time", "starts", "stats")
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     BEAM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[SequenceUpdate]
     beam_results: _containers.RepeatedCompositeFieldContainer[BeamResult]
     failures: _containers.RepeatedCompositeFieldContainer[RequestFailure]
-    def __init__(self, updates: _Optional[_Iterable[_Union[SequenceUpdate, _Mapping]]] = ..., beam_results: _Optional[_Iterable[_Union[BeamResult, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[RequestFailure, _Mapping]]] = ...) -> None: ...
+    step_time: float
+    starts: _containers.RepeatedCompositeFieldContainer[RequestStart]
+    stats: EngineSnapshot
+    def __init__(self, updates: _Optional[_Iterable[_Union[SequenceUpdate, _Mapping]]] = ..., beam_results: _Optional[_Iterable[_Union[BeamResult, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[RequestFailure, _Mapping]]] = ..., step_time: _Optional[float] = ..., starts: _Optional[_Iterable[_Union[RequestStart, _Mapping]]] = ..., stats: _Optional[_Union[EngineSnapshot, _Mapping]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetGpuTelemetryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GpuTelemetry(_message.Message):
+    __slots__ = ("gpus",)
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    gpus: _containers.RepeatedCompositeFieldContainer[_generation_pb2.GpuStats]
+    def __init__(self, gpus: _Optional[_Iterable[_Union[_generation_pb2.GpuStats, _Mapping]]] = ...) -> None: ...

@@ -60,6 +60,16 @@ class CoordinatorStub:
                 request_serializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/pagedserve.v1.Coordinator/GetStats',
+                request_serializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.EngineSnapshot.FromString,
+                _registered_method=True)
+        self.GetGpuTelemetry = channel.unary_unary(
+                '/pagedserve.v1.Coordinator/GetGpuTelemetry',
+                request_serializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GetGpuTelemetryRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GpuTelemetry.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -97,6 +107,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """The engine snapshot every StepBatch also carries (for a gateway that has seen none yet).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGpuTelemetry(self, request, context):
+        """The GPUs of this replica's ranks (none on CPU or without an NVIDIA driver).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +148,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
                     response_serializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GetStatsRequest.FromString,
+                    response_serializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.EngineSnapshot.SerializeToString,
+            ),
+            'GetGpuTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGpuTelemetry,
+                    request_deserializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GetGpuTelemetryRequest.FromString,
+                    response_serializer=pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GpuTelemetry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +295,60 @@ class Coordinator:
             '/pagedserve.v1.Coordinator/GetModelInfo',
             pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
             pagedserve_dot_protos_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Coordinator/GetStats',
+            pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
+            pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.EngineSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGpuTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Coordinator/GetGpuTelemetry',
+            pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GetGpuTelemetryRequest.SerializeToString,
+            pagedserve_dot_protos_dot_v1_dot_coordinator__pb2.GpuTelemetry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -306,3 +306,61 @@ class ServerLoad(_message.Message):
     gateway_queue_limit: int
     num_replicas_up: int
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., num_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ..., gateway_in_flight: _Optional[int] = ..., gateway_queue_limit: _Optional[int] = ..., num_replicas_up: _Optional[int] = ...) -> None: ...
+
+class GpuStats(_message.Message):
+    __slots__ = ("rank", "index", "uuid", "name", "memory_used_bytes", "memory_total_bytes", "utilization", "power_watts", "temperature_celsius")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    POWER_WATTS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    index: int
+    uuid: str
+    name: str
+    memory_used_bytes: int
+    memory_total_bytes: int
+    utilization: float
+    power_watts: float
+    temperature_celsius: float
+    def __init__(self, rank: _Optional[int] = ..., index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., utilization: _Optional[float] = ..., power_watts: _Optional[float] = ..., temperature_celsius: _Optional[float] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("index", "address", "up", "load", "gpus")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    address: str
+    up: bool
+    load: ServerLoad
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuStats]
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., up: _Optional[bool] = ..., load: _Optional[_Union[ServerLoad, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuStats, _Mapping]]] = ...) -> None: ...
+
+class GetServerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerStatus(_message.Message):
+    __slots__ = ("model", "load", "replicas", "throughput_window_seconds", "prompt_tokens_per_second", "generation_tokens_per_second", "requests_per_second")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    load: ServerLoad
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    throughput_window_seconds: float
+    prompt_tokens_per_second: float
+    generation_tokens_per_second: float
+    requests_per_second: float
+    def __init__(self, model: _Optional[str] = ..., load: _Optional[_Union[ServerLoad, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., throughput_window_seconds: _Optional[float] = ..., prompt_tokens_per_second: _Optional[float] = ..., generation_tokens_per_second: _Optional[float] = ..., requests_per_second: _Optional[float] = ...) -> None: ...

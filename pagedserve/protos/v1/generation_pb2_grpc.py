@@ -69,6 +69,11 @@ class GenerationStub:
                 request_serializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetServerLoadRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.ServerLoad.FromString,
                 _registered_method=True)
+        self.GetServerStatus = channel.unary_unary(
+                '/pagedserve.v1.Generation/GetServerStatus',
+                request_serializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetServerStatusRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.ServerStatus.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -120,6 +125,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerStatus(self, request, context):
+        """Per replica: its load and GPUs; and the recent throughput (`pagedserve status`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetServerLoad,
                     request_deserializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetServerLoadRequest.FromString,
                     response_serializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.ServerLoad.SerializeToString,
+            ),
+            'GetServerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStatus,
+                    request_deserializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetServerStatusRequest.FromString,
+                    response_serializer=pagedserve_dot_protos_dot_v1_dot_generation__pb2.ServerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +365,33 @@ class Generation:
             '/pagedserve.v1.Generation/GetServerLoad',
             pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetServerLoadRequest.SerializeToString,
             pagedserve_dot_protos_dot_v1_dot_generation__pb2.ServerLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Generation/GetServerStatus',
+            pagedserve_dot_protos_dot_v1_dot_generation__pb2.GetServerStatusRequest.SerializeToString,
+            pagedserve_dot_protos_dot_v1_dot_generation__pb2.ServerStatus.FromString,
             options,
             channel_credentials,
             insecure,

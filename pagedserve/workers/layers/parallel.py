@@ -74,6 +74,16 @@ class TensorParallelGroup:
         return torch.cat(parts, dim=dim) if parts is not None else None
 
 
+    def broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite `tensor` on every rank with rank 0's (identity for size 1)."""
+        if self.size == 1:
+            return tensor
+        self._require_initialized()
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+        dist.broadcast(tensor, src=src, group=self.process_group)
+        return tensor
+
+
 def init_tensor_parallel(
     rank: int,
     size: int,
