@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import os
@@ -210,6 +211,11 @@ def main() -> None:
     if address is None and base_url is None:
         process, address, base_url = start_server(model_dir, args)
     report = {"args": vars(args), "target": base_url or address, "runs": []}
+    if process is not None and args.backend == "openai":
+        # The server started here runs in this environment: uvicorn's HTTP parser is
+        # httptools when installed, else h11 (more of the gateway's CPU per event).
+        report["uvicorn_http"] = "httptools" if importlib.util.find_spec("httptools") \
+            else "h11"
     try:
         if base_url is None:
             def load(prompts, lengths, rate, seed):
@@ -237,7 +243,8 @@ def main() -> None:
                                         warm, args.seed)}
     if process is not None and not args.skip_offline:
         report["offline"] = offline(model_dir, args)
-    print(f"\n{report['target']}\n" + format_table(report["runs"]))
+    http = f" (uvicorn HTTP: {report['uvicorn_http']})" if "uvicorn_http" in report else ""
+    print(f"\n{report['target']}{http}\n" + format_table(report["runs"]))
     if "peer" in report:
         print(f"\npeer {report['peer']['target']}\n" + format_table(report["peer"]["runs"]))
         peer_rate = report["peer"]["runs"][-1]["output_throughput"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -96,7 +98,14 @@ def serve(args: argparse.Namespace) -> int:
                           kv_cache_memory_gib=args.kv_cache_memory_gib,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           device=args.device, dtype=args.dtype, load_format=args.load_format)
-    return asyncio.run(_serve_until_signalled(config, options))
+    code = asyncio.run(_serve_until_signalled(config, options))
+    # Everything is stopped by now (Ray included). Leave without interpreter finalization: once
+    # Ray's driver has seen SIGTERM it aborts (SIGABRT) while the interpreter tears down, which
+    # would report a clean shutdown as exit status -6.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _serve_until_signalled(config, options) -> int:

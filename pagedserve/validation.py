@@ -30,6 +30,17 @@ def is_finite_number(value: Any) -> bool:
     return is_number(value) and math.isfinite(value)
 
 
+def check_text(name: str, value: str) -> None:
+    """Raise InvalidArgument naming the field `name` unless `value` is valid Unicode text: a
+    lone surrogate (JSON can carry "\\ud800") encodes to no UTF-8, for a tokenizer or the
+    wire."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidArgument(f"{name} is not valid Unicode text ({error.reason} at position "
+                              f"{error.start}); remove lone surrogates", field=name) from None
+
+
 def check_type(name: str, value: Any, accepted: str, ok: bool) -> None:
     """Raise InvalidType naming the argument `name` and the types accepted unless `ok`."""
     if not ok:

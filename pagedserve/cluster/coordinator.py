@@ -581,11 +581,13 @@ def _start_ranks(config: EngineConfig) -> RayExecutor:
 
 
 def start_coordinator(config: EngineConfig, name: str | None = None,
-                      num_cpus: float = 1.0) -> Any:
-    """A coordinator actor for `config` (Ray started or joined first), ready to take requests.
-    Stop it with `stop_coordinator`."""
+                      num_cpus: float = 1.0, max_restarts: int = 0) -> Any:
+    """A coordinator actor for `config` (Ray started or joined first), ready to take requests;
+    Ray starts it again (new ranks, no requests, its gRPC server off until `serve_grpc`) up to
+    `max_restarts` times if its process dies. Stop it with `stop_coordinator`."""
     ray = ensure_ray()
-    options: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": 10_000}
+    options: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": 10_000,
+                               "max_restarts": max_restarts}
     if name is not None:
         options["name"] = name
     handle = ray.remote(Coordinator).options(**options).remote(config)
@@ -599,5 +601,7 @@ def stop_coordinator(handle: Any, timeout_s: float = 30.0) -> None:
 
     try:
         ray.get(handle.shutdown.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError as error:  # it died before: nothing left to stop
+        logger.warning("coordinator already gone: %s", error)
     finally:
         ray.kill(handle)

@@ -20,12 +20,13 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
 
 from pagedserve.cluster import wire
+from pagedserve.cluster.failover import continuation
 from pagedserve.cluster.gateway_request import GatewayRequest, ReplicaLost, RequestStream
 from pagedserve.cluster.gateway_status import refresh_gpus, server_status
 from pagedserve.cluster.generation_messages import (
@@ -35,7 +36,7 @@ from pagedserve.cluster.generation_messages import (
 )
 from pagedserve.cluster.grpc_common import set_serving, status_of
 from pagedserve.cluster.replica_client import ReplicaClient
-from pagedserve.engine.core import EngineCoreOutputs, SequenceUpdate
+from pagedserve.engine.core import EngineCoreOutputs, EngineCoreRequest, SequenceUpdate
 from pagedserve.engine.limits import ModelLimits
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.outputs import RequestOutput
@@ -72,7 +73,8 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
     Generation service on top."""
 
     def __init__(self, model_name: str, tokenizer: Any, replica_addresses: list[str],
-                 max_queue_per_replica: int = 1024) -> None:
+                 max_queue_per_replica: int = 1024,
+                 resolvers: list[Callable[[], Awaitable[str]]] | None = None) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.processor = Processor(tokenizer)
@@ -82,13 +84,18 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         """Prometheus exposition of this gateway and its replicas: `render()` serves GET
         /metrics."""
         subscriber = f"gateway-{uuid.uuid4().hex[:12]}"
+        resolvers = resolvers or [None] * len(replica_addresses)
         self.replicas = [ReplicaClient(address, subscriber, self._on_batch, self._on_lost,
-                                       label=str(index))
-                         for index, address in enumerate(replica_addresses)]
+                                       label=str(index), resolve=resolve,
+                                       on_back=self._on_back)
+                         for index, (address, resolve) in enumerate(
+                             zip(replica_addresses, resolvers, strict=True))]
         self._gpu_refresh: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._owner: dict[str, ReplicaClient] = {}
         self._prompts: dict[str, list[int]] = {}
+        self._requests: dict[str, EngineCoreRequest] = {}
+        """What was sent for each request in flight (to send it on if its replica fails)."""
         self._round_robin = itertools.count()
         # Aborts sent after a front let go (the loop holds tasks only weakly).
         self._background: set[asyncio.Task] = set()
@@ -149,10 +156,44 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         lost = ReplicaLost(Unavailable(f"the replica serving this request failed ({error}); "
                                        "retry"))
         for request_id, owner in list(self._owner.items()):
-            if owner is replica:
+            if owner is replica and not self._send_on(request_id, replica):
                 self._put(request_id, lost)
         if self.health is not None and not any(r.up for r in self.replicas):
             self._in_background(set_serving(self.health, [SERVICE], False))
+
+    def _on_back(self, replica: ReplicaClient) -> None:
+        if self.health is not None:
+            self._in_background(set_serving(self.health, [SERVICE], True))
+
+    def _send_on(self, request_id: str, lost: ReplicaClient) -> bool:
+        """Give a failed replica's request to another replica that is up, whole or as a
+        continuation (`failover.continuation`); False if none can take it or it cannot go
+        on unchanged."""
+        request = self._requests.get(request_id)
+        targets = [r for r in self.replicas if r.up and r is not lost
+                   and r.in_flight < self.max_queue_per_replica]
+        if request is None or not targets:
+            return False
+        generated = None if isinstance(request.params, BeamSearchParams) \
+            else self.outputs.generated_token_ids(request_id)
+        request = continuation(request, generated)
+        if request is None:
+            return False
+        target = min(targets, key=lambda r: r.in_flight)
+        lost.in_flight -= 1
+        target.in_flight += 1
+        self._owner[request_id] = target
+        logger.warning("request %s moves from lost replica %s to %s", request_id, lost.address,
+                       target.address)
+        self._in_background(self._resend(request_id, target, request))
+        return True
+
+    async def _resend(self, request_id: str, target: ReplicaClient,
+                      request: EngineCoreRequest) -> None:
+        try:
+            await target.add([wire.core_request_to_proto(request)])
+        except grpc.aio.AioRpcError as error:
+            self._put(request_id, ReplicaLost(ReplicaError(error.code().name, error.details())))
 
     @staticmethod
     async def _abort_quietly(replica: ReplicaClient, request_ids: list[str]) -> None:
@@ -192,6 +233,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self._queues[request_id] = queue
         self._owner[request_id] = replica
         self._prompts[request_id] = core_request.prompt_token_ids
+        self._requests[request_id] = core_request
         replica.in_flight += 1
         self.metrics.requests.admitted(request_id, replica.label,
                                        len(core_request.prompt_token_ids),
@@ -223,6 +265,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
     def _forget(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
         self._prompts.pop(request_id, None)
+        self._requests.pop(request_id, None)
         replica = self._owner.pop(request_id, None)
         if replica is not None:
             replica.in_flight -= 1

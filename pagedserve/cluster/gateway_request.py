@@ -61,7 +61,17 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput | BeamSearchOutput:
         if self.finished or self._closed:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        return self._taken(await self._queue.get())
+
+    def next_ready(self) -> RequestOutput | BeamSearchOutput | None:
+        """The next output if it has already arrived, else None (also after the last): a
+        consumer that fell behind takes what is waiting in one go."""
+        if self.finished or self._closed or self._queue.empty():
+            return None
+        return self._taken(self._queue.get_nowait())
+
+    def _taken(self, item: RequestOutput | BeamSearchOutput | ReplicaLost
+               ) -> RequestOutput | BeamSearchOutput:
         if isinstance(item, ReplicaLost):
             raise item.error
         if not isinstance(item, RequestOutput) or item.finished:

@@ -17,7 +17,8 @@ from pagedserve.protos.v1 import generation_pb2 as pb
 def check_model(model: str, served_name: str) -> None:
     """The gRPC API's rule: `model` is the served name or empty."""
     if model and model != served_name:
-        raise InvalidArgument(f"model must be {served_name!r} (or empty), got {model!r}")
+        raise InvalidArgument(f"model must be {served_name!r} (or empty), got {model!r}",
+                              field="model")
 
 
 def parse_generate_request(request: pb.GenerateRequest, served_name: str,
@@ -27,13 +28,14 @@ def parse_generate_request(request: pb.GenerateRequest, served_name: str,
     check_model(request.model, served_name)
     which = request.WhichOneof("prompt")
     if which is None:
-        raise InvalidArgument("prompt must be set: text or token_ids")
+        raise InvalidArgument("prompt must be set: text or token_ids", field="prompt")
     if which == "text" and not request.text:
-        raise InvalidArgument("prompt text must not be empty")
+        raise InvalidArgument("prompt text must not be empty", field="text")
     prompt = request.text if which == "text" else list(request.token_ids.ids)
     if request.HasField("beam_search"):
         if request.HasField("sampling"):
-            raise InvalidArgument("sampling and beam_search are exclusive; set one")
+            raise InvalidArgument("sampling and beam_search are exclusive; set one",
+                                  field="beam_search")
         params: Any = wire.beam_from_proto(request.beam_search)
     else:
         params = wire.sampling_from_proto(request.sampling, output_kind=output_kind)

@@ -47,6 +47,8 @@ class ServeOptions:
     """A Ray cluster to join; None starts a local one (stopped again on exit)."""
     replicas: int = 1
     """Coordinators (each with its own tensor-parallel workers)."""
+    max_coordinator_restarts: int = 3
+    """Times Ray restarts a coordinator whose process died; the gateway reconnects to it."""
     max_queue_per_replica: int = 1024
     """Requests in flight per replica before the gateway answers RESOURCE_EXHAUSTED."""
     auth_token_file: str | None = None
@@ -69,6 +71,9 @@ class ServeOptions:
             "None or an integer in [0, 65535]", self.http_port)
         check_field("ServeOptions", "replicas", is_int(self.replicas) and self.replicas >= 1,
                     "an integer >= 1", self.replicas)
+        check_field("ServeOptions", "max_coordinator_restarts",
+                    is_int(self.max_coordinator_restarts) and self.max_coordinator_restarts >= 0,
+                    "an integer >= 0", self.max_coordinator_restarts)
         check_field("ServeOptions", "max_queue_per_replica",
                     is_int(self.max_queue_per_replica) and self.max_queue_per_replica >= 1,
                     "an integer >= 1", self.max_queue_per_replica)
@@ -108,19 +113,23 @@ class Server:
             self._started_ray = options.ray_address is None
         coordinator_host = "127.0.0.1" if self._started_ray \
             else ray.util.get_node_ip_address()
-        addresses = []
+        addresses, resolvers = [], []
         for index in range(options.replicas):
             # Named per server: several servers may share one Ray cluster and namespace.
             handle = await asyncio.to_thread(start_coordinator, self.config,
-                                             f"pagedserve-coordinator-{self.instance}-{index}")
+                                             f"pagedserve-coordinator-{self.instance}-{index}",
+                                             max_restarts=options.max_coordinator_restarts)
             self.coordinators.append(handle)
             addresses.append(await handle.serve_grpc.remote(coordinator_host))
+            # A restarted coordinator serves again on a port of its own choosing.
+            resolvers.append(lambda handle=handle: handle.serve_grpc.remote(coordinator_host))
         from pagedserve.workers.models.loader import load_tokenizer
 
         tokenizer = await asyncio.to_thread(load_tokenizer,
                                             self.config.tokenizer or self.config.model)
         name = options.served_model_name or self.config.model.rstrip("/").split("/")[-1]
-        self.gateway = Gateway(name, tokenizer, addresses, options.max_queue_per_replica)
+        self.gateway = Gateway(name, tokenizer, addresses, options.max_queue_per_replica,
+                               resolvers=resolvers if options.max_coordinator_restarts else None)
         await self.gateway.start()
         interceptors = [BearerTokenAuth(tokens)] if tokens else []
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.errors import InvalidArgument
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.validation import check_text
 
 
 class StreamOptions(BaseModel):
@@ -72,8 +73,9 @@ class OpenAIRequest(BaseModel):
     """Leave special tokens out of the text."""
     return_token_ids: bool = False
     """Add `token_ids` (generated) and `prompt_token_ids` to the choices, as vLLM does."""
-    priority: int = 0
-    """Scheduling priority (lower first, under the 'priority' policy)."""
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    """Scheduling priority (lower first, under the 'priority' policy); an int32, as over
+    gRPC."""
     cache_salt: str | None = None
     """Prefix-cache isolation: only requests with the same salt share cached blocks."""
 
@@ -162,6 +164,8 @@ class ChatMessage(BaseModel):
         turn = {"role": self.role, "content": content or ""}
         if self.name is not None:
             turn["name"] = self.name
+        for text in turn.values():  # the tokenizer takes no lone surrogate ("\ud800")
+            check_text("messages", text)
         return turn
 
 

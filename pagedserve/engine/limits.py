@@ -59,4 +59,9 @@ class ModelLimits:
         if params.n > limit:
             raise InvalidArgument(f"SamplingParams.n must be in [1, {limit}] (max_num_seqs), "
                                   f"got {params.n}", field="SamplingParams.n")
+        # No sequence gets past the context (also where max_tokens is None, unbounded).
+        if params.min_tokens > self.max_model_len:
+            raise InvalidArgument(f"SamplingParams.min_tokens must be in [0, "
+                                  f"{self.max_model_len}] (max_model_len), got "
+                                  f"{params.min_tokens}", field="SamplingParams.min_tokens")
         params.check_vocab(self.vocab_size)

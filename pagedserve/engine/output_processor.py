@@ -122,6 +122,10 @@ class OutputProcessor:
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
 
+    def generated_token_ids(self, request_id: str) -> list[list[int]]:
+        """Every token each sequence of a request has received so far (reported or not)."""
+        return [list(output.token_ids) for output in self._tracked[request_id].outputs]
+
     def sequence_ids(self, request_id: str) -> list[str]:
         tracked = self._tracked[request_id]
         n = len(tracked.outputs)

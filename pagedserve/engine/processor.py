@@ -13,7 +13,7 @@ from typing import Any
 from pagedserve.engine.core import EngineCoreRequest
 from pagedserve.errors import InvalidArgument, InvalidType
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
-from pagedserve.validation import check_type, is_int
+from pagedserve.validation import check_text, check_type, is_int
 
 Prompt = str | list[int] | dict[str, Any]
 PROMPT_TYPES = "a string, a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'"
@@ -56,12 +56,8 @@ class Processor:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidArgument("this model has no tokenizer; pass prompt_token_ids instead "
-                                  "of text")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise InvalidArgument(f"prompt is not valid Unicode text ({error.reason} at "
-                                  f"position {error.start}); remove lone surrogates") from None
+                                  "of text", field="prompt")
+        check_text("prompt", text)
         return self.tokenizer.encode(text)
 
     def prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
@@ -75,8 +71,15 @@ class Processor:
         params = SamplingParams() if params is None else params
         check_type("params", params, "SamplingParams or BeamSearchParams",
                    isinstance(params, SamplingParams | BeamSearchParams))
-        if isinstance(params, SamplingParams) and params.stop and self.tokenizer is None:
-            raise InvalidArgument("SamplingParams.stop needs a tokenizer; use stop_token_ids")
+        if isinstance(params, SamplingParams) and params.stop:
+            if self.tokenizer is None:
+                raise InvalidArgument("SamplingParams.stop needs a tokenizer; use "
+                                      "stop_token_ids", field="SamplingParams.stop")
+            # Stop strings and the salt go on to a coordinator as proto strings: UTF-8.
+            for stop in params.stop:
+                check_text("SamplingParams.stop", stop)
+        if isinstance(cache_salt, str):
+            check_text("cache_salt", cache_salt)
         return EngineCoreRequest(request_id, self.prompt_token_ids(prompt), params,
                                  priority=priority, cache_salt=cache_salt,
                                  arrival_time=arrival_time)

@@ -1,8 +1,9 @@
 """Block tables, prefix caching, fork with copy-on-write, and swapping to a CPU block pool.
 
 Every request owns a block table: logical block i holds tokens [i*B, (i+1)*B). Full blocks are
-indexed by a chained hash (parent hash, the block's token ids, the request's cache salt), so a
-new request whose prompt starts with the same tokens reuses those physical blocks. Plain data
+indexed by a chained hash (parent hash and the block's token ids; the first block's also takes
+the request's cache salt, which the chain then carries to every later block), so a new request
+whose prompt starts with the same tokens (and salt) reuses those physical blocks. Plain data
 in and out: block ids, (src, dst) pairs; the workers move the bytes.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 
 from pagedserve.scheduler.block_pool import BlockPool
@@ -19,7 +21,8 @@ ROOT_HASH = b"pagedserve-root"
 
 
 def hash_block(parent_hash: bytes, token_ids: list[int], extra_key: str | None) -> bytes:
-    """Chained hash of one full block: equal only if the whole prefix up to it is equal."""
+    """Chained hash of one full block: equal only if the whole prefix up to it (and the extra
+    key of its first block) is equal."""
     digest = hashlib.sha256(parent_hash)
     digest.update(array("q", token_ids).tobytes())
     if extra_key is not None:
@@ -57,9 +60,11 @@ class KVCacheManager:
         size = self.block_size
         hashes = request.block_hashes
         for index in range(len(hashes), num_tokens // size):
-            parent = hashes[-1] if hashes else ROOT_HASH
-            hashes.append(hash_block(parent, request.token_ids(index * size, (index + 1) * size),
-                                     request.cache_salt))
+            tokens = request.token_ids(index * size, (index + 1) * size)
+            if index == 0:  # the salt enters the chain once; every later hash depends on it
+                hashes.append(hash_block(ROOT_HASH, tokens, request.cache_salt))
+            else:
+                hashes.append(hash_block(hashes[-1], tokens, None))
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks matching the request's leading full blocks, never covering its last token.
@@ -83,11 +88,17 @@ class KVCacheManager:
         """Index the request's blocks that are full and whose KV has been computed."""
         if not self.enable_prefix_caching:
             return
-        table = self.block_tables[request.request_id]
+        # Called for every scheduled request twice a step, nearly always with no block newly
+        # full: that answer comes first, with Request's length properties inlined.
         # Tokens past num_tokens are pending samples: their ids (and so the hash) are unknown.
-        computed = min(request.num_computed_tokens, request.num_tokens)
-        num_full = min(computed // self.block_size, len(table))
+        computed = request.num_computed_tokens
+        num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
+        num_full = (computed if computed < num_tokens else num_tokens) // self.block_size
         done = self._num_hashed_blocks.get(request.request_id, 0)
+        if num_full <= done:
+            return
+        table = self.block_tables[request.request_id]
+        num_full = min(num_full, len(table))
         if num_full <= done:
             return
         self._extend_hashes(request, num_full * self.block_size)
@@ -114,6 +125,15 @@ class KVCacheManager:
             return False
         return self.pool.ref_counts[table[request.num_computed_tokens // self.block_size]] > 1
 
+    def fits_in_place(self, request: Request, num_new_tokens: int, table: list[int]) -> bool:
+        """Whether num_new_tokens more tokens fit the request's block table as it is: no new
+        block, and the block written first is this request's alone (no copy-on-write). The
+        decode fast path; allocate_slots would change nothing."""
+        computed = request.num_computed_tokens
+        size = self.block_size
+        return computed + num_new_tokens <= len(table) * size and (
+            not computed % size or self.pool.ref_counts[table[computed // size]] == 1)
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        cached_blocks: list[int] = (), reserve: int = 0) -> TableUpdate | None:
         """Make room for num_new_tokens more tokens (after any cached prefix blocks).
@@ -123,14 +143,9 @@ class KVCacheManager:
         """
         request_id = request.request_id
         table = self.block_tables.get(request_id)
-        if table is not None and not cached_blocks and reserve == 0:
-            # Decode fast path: the tokens fit in the last block, which is this request's alone.
-            computed = request.num_computed_tokens
-            size = self.block_size
-            if computed + num_new_tokens <= len(table) * size and (
-                computed % size == 0 or self.pool.ref_counts[table[computed // size]] == 1
-            ):
-                return TableUpdate(len(table), [])
+        if table is not None and not cached_blocks and not reserve and \
+                self.fits_in_place(request, num_new_tokens, table):
+            return TableUpdate(len(table), [])
         created = table is None
         if created:
             table = self.block_tables[request_id] = []
@@ -179,30 +194,54 @@ class KVCacheManager:
         return table
 
     # ---- swapping -----------------------------------------------------------------------
+    # Requests that share blocks (the sequences of one n > 1 request or beam family) move
+    # together: a shared block gets one copy in the other pool, with its ref count kept.
 
-    def can_swap_out(self, request_id: str) -> bool:
-        table = self.block_tables.get(request_id, ())
-        return self.cpu_pool is not None and len(table) <= self.cpu_pool.num_free_blocks
+    def can_swap_out(self, request_ids: list[str]) -> bool:
+        """Whether the CPU pool has a free block for each distinct block of these requests."""
+        if self.cpu_pool is None:
+            return False
+        blocks = {b for request_id in request_ids for b in self.block_tables[request_id]}
+        return len(blocks) <= self.cpu_pool.num_free_blocks
 
-    def swap_out(self, request_id: str) -> list[tuple[int, int]]:
-        """Move a request's blocks to the CPU pool; returns (gpu block, cpu block) pairs."""
-        table = self.block_tables.pop(request_id)
-        cpu_table = self.cpu_pool.allocate(len(table))
-        self.pool.free(reversed(table))
-        self._num_hashed_blocks.pop(request_id, None)
-        self.cpu_block_tables[request_id] = cpu_table
-        return list(zip(table, cpu_table, strict=True))
+    def swap_out(self, request_ids: list[str]) -> list[tuple[int, int]]:
+        """Move the requests' blocks to the CPU pool; (gpu block, cpu block) pairs."""
+        tables = [self.block_tables.pop(request_id) for request_id in request_ids]
+        cpu_tables, pairs = _copy_tables(tables, self.cpu_pool)
+        for request_id, table, cpu_table in zip(request_ids, tables, cpu_tables, strict=True):
+            self.pool.free(reversed(table))
+            self._num_hashed_blocks.pop(request_id, None)
+            self.cpu_block_tables[request_id] = cpu_table
+        return pairs
 
-    def swap_in(self, request_id: str, reserve: int = 0) -> list[tuple[int, int]] | None:
-        """Bring a swapped request's blocks back; (cpu block, gpu block) pairs, or None if full."""
-        cpu_table = self.cpu_block_tables[request_id]
-        if len(cpu_table) + reserve > self.pool.num_free_blocks:
+    def blocks_to_swap_in(self, request_ids: list[str], first: Request,
+                          num_new_tokens: int) -> int:
+        """GPU blocks that swap_in(request_ids) takes, plus those that `first` (one of them)
+        then needs for num_new_tokens more tokens."""
+        references = Counter(b for request_id in request_ids
+                             for b in self.cpu_block_tables[request_id])
+        table = self.cpu_block_tables[first.request_id]
+        computed = first.num_computed_tokens
+        needed = len(references) + max(
+            self.num_blocks_for(computed + num_new_tokens) - len(table), 0)
+        # A partly filled block shared within the group is copied on first write.
+        if num_new_tokens and computed % self.block_size and \
+                references[table[computed // self.block_size]] > 1:
+            needed += 1
+        return needed
+
+    def swap_in(self, request_ids: list[str], reserve: int = 0) -> list[tuple[int, int]] | None:
+        """Bring swapped requests' blocks back; (cpu block, gpu block) pairs, or None (changing
+        nothing) when that would leave fewer than `reserve` GPU blocks free."""
+        cpu_tables = [self.cpu_block_tables[request_id] for request_id in request_ids]
+        if len({b for table in cpu_tables for b in table}) + reserve > self.pool.num_free_blocks:
             return None
-        table = self.pool.allocate(len(cpu_table))
-        del self.cpu_block_tables[request_id]
-        self.cpu_pool.free(cpu_table)
-        self.block_tables[request_id] = table
-        return list(zip(cpu_table, table, strict=True))
+        tables, pairs = _copy_tables(cpu_tables, self.pool)
+        for request_id, cpu_table, table in zip(request_ids, cpu_tables, tables, strict=True):
+            del self.cpu_block_tables[request_id]
+            self.cpu_pool.free(cpu_table)
+            self.block_tables[request_id] = table
+        return pairs
 
     # ---- introspection ------------------------------------------------------------------
 
@@ -214,7 +253,8 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def check_invariants(self) -> None:
-        """Ref counts equal table references; free lists hold exactly the unreferenced blocks."""
+        """Ref counts equal table references; free lists hold exactly the unreferenced blocks;
+        the prefix-cache index matches the blocks' hashes (both pools)."""
         references = [0] * self.pool.num_blocks
         for table in self.block_tables.values():
             for block_id in table:
@@ -229,6 +269,7 @@ class KVCacheManager:
         unreferenced = {i for i, count in enumerate(references) if count == 0}
         if set(free) != unreferenced:
             raise AssertionError("free lists differ from the set of unreferenced blocks")
+        self.pool.check_invariants()
         if self.cpu_pool is not None:
             cpu_refs = [0] * self.cpu_pool.num_blocks
             for table in self.cpu_block_tables.values():
@@ -236,3 +277,20 @@ class KVCacheManager:
                     cpu_refs[block_id] += 1
             if cpu_refs != self.cpu_pool.ref_counts:
                 raise AssertionError("CPU pool ref counts differ from CPU table references")
+            cpu_free = self.cpu_pool.free_block_ids()
+            if sorted(cpu_free) != [i for i, count in enumerate(cpu_refs) if count == 0]:
+                raise AssertionError("CPU free list differs from the unreferenced CPU blocks")
+            self.cpu_pool.check_invariants()
+
+
+def _copy_tables(tables: list[list[int]], pool: BlockPool
+                 ) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The tables rewritten onto fresh blocks of `pool`, one per distinct source block and
+    referenced once per entry, and the (source, copy) pairs in first-use order."""
+    sources = list(dict.fromkeys(b for table in tables for b in table))
+    copy_of = dict(zip(sources, pool.allocate(len(sources)), strict=True))
+    copies = [[copy_of[b] for b in table] for table in tables]
+    # allocate() gave each copy one reference; each further entry naming it adds one.
+    entries = Counter(b for table in copies for b in table)
+    pool.share([b for b, count in entries.items() for _ in range(count - 1)])
+    return copies, list(copy_of.items())

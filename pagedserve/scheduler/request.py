@@ -88,12 +88,15 @@ class Request:
     def needs_no_more_samples(self, max_model_len: int) -> bool:
         """Whether the samples already pending reach max_tokens or the context: scheduling
         another would compute a token no one receives."""
-        if not self.num_pending_tokens:
+        # Asked of every running request every step with overlapped scheduling: lengths are
+        # read directly rather than through the properties.
+        pending = self.num_pending_tokens
+        if not pending:
             return False
+        num_output = len(self.output_token_ids)
         max_tokens = self.sampling_params.max_tokens
-        return (max_tokens is not None
-                and self.num_output_tokens + self.num_pending_tokens >= max_tokens) \
-            or self.num_scheduled_tokens >= max_model_len
+        return (max_tokens is not None and num_output + pending >= max_tokens) \
+            or len(self.prompt_token_ids) + num_output + pending >= max_model_len
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""
@@ -119,7 +122,7 @@ class Request:
                 last not in self.sampling_params.all_stop_token_ids() else last
             return True
         if (params.max_tokens is not None and num_output >= params.max_tokens) or (
-            self.num_tokens >= max_model_len
+            len(self.prompt_token_ids) + num_output >= max_model_len
         ):
             self.finish_reason = FinishReason.LENGTH
             return True

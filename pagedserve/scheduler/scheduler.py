@@ -7,76 +7,26 @@ result is back (overlapped scheduling): that step feeds a placeholder the ranks 
 Chunked prefill, prefix-cache hits (which advance num_computed_tokens for free) and recompute
 after preemption (which resets it) are therefore one mechanism. Running requests are served
 first, then swapped ones, then waiting ones.
+
+This file is the step loop and the public API. The state it works on and the bookkeeping its
+parts share are `state.py`; who joins the running requests, `admission.py`; who leaves them
+for room, `preemption.py`; new sequences sharing a running one's blocks, `forking.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-from collections import deque
-
 from pagedserve.errors import AlreadyExists
-from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.config import CacheConfig, ConfigError, SchedulerConfig
-from pagedserve.scheduler.kv_cache_manager import KVCacheManager, TableUpdate
-from pagedserve.scheduler.output import (
-    PLACEHOLDER_TOKEN_ID,
-    NewRequestData,
-    ScheduledRequest,
-    SchedulerOutput,
-)
-from pagedserve.scheduler.policies import (
-    DEFAULT_VICTIM_POLICIES,
-    SERVICE_ORDERS,
-    WAITING_QUEUES,
-    AdmissionPolicy,
-    VictimPolicy,
-    admit_if_whole_prompt_fits,
-)
+from pagedserve.scheduler import admission, forking, preemption
+from pagedserve.scheduler.forking import child_request_id
+from pagedserve.scheduler.output import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
 from pagedserve.scheduler.request import FinishReason, Request, RequestStatus
+from pagedserve.scheduler.state import SchedulerState
 
-logger = logging.getLogger(__name__)
-
-
-def child_request_id(parent_id: str, index: int) -> str:
-    """Id of the index-th sequence of a request with n > 1."""
-    return f"{parent_id}/{index}"
+__all__ = ["Scheduler", "child_request_id"]
 
 
-class Scheduler:
+class Scheduler(SchedulerState):
     """Owns requests, the KV cache manager and the step loop's bookkeeping (no tensors)."""
-
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 victim_policy: VictimPolicy | None = None,
-                 admission_policy: AdmissionPolicy = admit_if_whole_prompt_fits) -> None:
-        self.config = scheduler_config
-        self.cache_config = cache_config
-        if scheduler_config.preemption_mode == "swap" and cache_config.num_cpu_blocks == 0:
-            raise ConfigError("SchedulerConfig.preemption_mode='swap' needs "
-                             "CacheConfig.num_cpu_blocks >= 1; set it or use 'recompute'")
-        self.kv = KVCacheManager(cache_config.block_size, cache_config.num_gpu_blocks,
-                                 cache_config.num_cpu_blocks, cache_config.enable_prefix_caching)
-        self.victim_policy = victim_policy or DEFAULT_VICTIM_POLICIES[scheduler_config.policy]
-        self.admission_policy = admission_policy
-        self.watermark_blocks = int(scheduler_config.watermark * cache_config.num_gpu_blocks)
-        self.requests: dict[str, Request] = {}
-        self.waiting = WAITING_QUEUES[scheduler_config.policy]()
-        self.service_order = SERVICE_ORDERS[scheduler_config.policy]
-        self.running: list[Request] = []
-        self.swapped: deque[Request] = deque()
-        self.children: dict[str, list[str]] = {}
-        """Parent id -> ids of its sequences, for requests with n > 1."""
-        self.paused: dict[str, Request] = {}
-        """Running requests kept out of steps for now (they keep their blocks)."""
-        self._fork_pending: set[str] = set()
-        self._known_to_workers: set[str] = set()
-        self._forgotten: list[str] = []
-        self._dropped: list[Request] = []
-        self.num_preemptions = 0
-        self.prefix_cache_queries = 0
-        """Prompt tokens looked up in the prefix cache at admission (cumulative)."""
-        self.prefix_cache_hits = 0
-        """Of those, tokens found cached (cumulative)."""
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -110,7 +60,7 @@ class Scheduler:
             self.children[request.request_id] = []
             self._fork_pending.add(request.request_id)
             if request.num_prompt_tokens == 1:
-                self._fork(request)
+                forking.split_into_sequences(self, request)
                 return
         self.waiting.push(request)
 
@@ -153,45 +103,6 @@ class Scheduler:
         if request is not None:
             self.running.append(request)
 
-    def _remove_from_queues(self, request: Request) -> None:
-        status = request.status
-        if status is RequestStatus.RUNNING and request.request_id in self.paused:
-            del self.paused[request.request_id]
-        elif status is RequestStatus.RUNNING:
-            self.running.remove(request)
-        elif status is RequestStatus.SWAPPED:
-            self.swapped.remove(request)
-        elif status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-            self.waiting.remove(request)
-
-    def _finish(self, request: Request, reason: FinishReason) -> None:
-        request.finish_reason = reason
-        self._release(request)
-
-    def _release(self, request: Request) -> None:
-        """Mark a request finished and give back everything it holds."""
-        request.status = RequestStatus.FINISHED
-        # Paused between schedule() and update(), it would otherwise come back on resume.
-        self.paused.pop(request.request_id, None)
-        self.kv.free(request.request_id)
-        del self.requests[request.request_id]
-        self._forget(request.request_id)
-        self._drop_finished_family(request)
-
-    def _drop_finished_family(self, request: Request) -> None:
-        """Forget an n > 1 request's sequence list once its last sequence has finished."""
-        if request.request_id in self._fork_pending:  # ended before it split into n sequences
-            self._fork_pending.discard(request.request_id)
-            self.children.pop(request.request_id, None)
-        siblings = self.children.get(request.parent_id)
-        if siblings is not None and not any(rid in self.requests for rid in siblings):
-            del self.children[request.parent_id]
-
-    def _forget(self, request_id: str) -> None:
-        if request_id in self._known_to_workers:
-            self._known_to_workers.discard(request_id)
-            self._forgotten.append(request_id)
-
     def take_dropped(self) -> list[Request]:
         """Sequences the scheduler finished on its own without a new token (they outgrew the
         whole KV cache) since the last call; the caller reports them."""
@@ -207,228 +118,92 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def _target_tokens(self, request: Request) -> int:
-        """Tokens whose KV must exist before the next sample (a fork parent stops one short)."""
-        if request.request_id in self._fork_pending:
-            return request.num_prompt_tokens - 1
-        if request.needs_no_more_samples(self.config.max_model_len):
-            return request.num_computed_tokens
-        return request.num_scheduled_tokens
-
-    def _chunk(self, num_new: int, budget: int) -> int:
-        threshold = self.config.long_prefill_token_threshold
-        if threshold and num_new > 1 and self.config.enable_chunked_prefill:
-            num_new = min(num_new, threshold)
-        return min(num_new, budget)
-
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens, allocate their slots, and describe the step as plain data."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        max_num_seqs = self.config.max_num_seqs
         preempted_now = False
-        scheduled_running: list[Request] = []
         if self.config.policy == "priority":
             # Victims come from the requests not yet scheduled this step, so the most urgent
             # must be scheduled first (admission order would let a late urgent one be evicted).
             self.running.sort(key=self.service_order)
 
+        # This loop runs once per running request per step, most often for a plain decode
+        # (_schedule_decode); what it calls is bound once here.
+        running = self.running
+        scheduled = out.scheduled
+        schedule_decode, allocate_slots = self._schedule_decode, self.kv.allocate_slots
         index = 0
-        while (index < len(self.running) and budget > 0
-               and len(out.scheduled) < self.config.max_num_seqs):
-            request = self.running[index]
+        while index < len(running) and budget > 0 and len(scheduled) < max_num_seqs:
+            request = running[index]
+            if schedule_decode(request, out):
+                budget -= 1
+                index += 1
+                continue
             num_new = self._chunk(self._target_tokens(request)
                                   - request.num_computed_tokens, budget)
             if num_new <= 0:
                 index += 1
                 continue
-            update = self.kv.allocate_slots(request, num_new)
+            update = allocate_slots(request, num_new)
             while update is None:
-                victim = self.victim_policy(self.running[index:])
-                self._preempt(victim, out)
+                victim = self.victim_policy(running[index:])
+                preemption.preempt(self, victim, out)
+                running = self.running
                 preempted_now = True
                 if victim is request:
                     break
-                update = self.kv.allocate_slots(request, num_new)
+                update = allocate_slots(request, num_new)
             if update is None:
                 continue
             self._emit(request, num_new, update, out)
             budget -= num_new
-            scheduled_running.append(request)
             index += 1
 
         if not preempted_now:
-            budget = self._resume_swapped(out, budget)
+            budget = admission.resume_swapped(self, out, budget)
         if not preempted_now and not self.swapped:
-            self._admit_waiting(out, budget)
+            admission.admit_waiting(self, out, budget)
         out.forgotten_request_ids = self._forgotten
         self._forgotten = []
         return out
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        self.running.remove(request)
-        if self.kv.num_blocks_for(request.num_scheduled_tokens) > \
-                self.cache_config.num_gpu_blocks:
-            logger.warning("request %s outgrew the whole KV cache (%d tokens); finishing it",
-                           request.request_id, request.num_tokens)
-            self._finish(request, FinishReason.LENGTH)
-            self._dropped.append(request)
-            return
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        self._forget(request.request_id)
-        swap = self.config.preemption_mode == "swap" and self.kv.can_swap_out(request.request_id)
-        if swap:
-            out.blocks_to_swap_out.extend(self.kv.swap_out(request.request_id))
-            request.status = RequestStatus.SWAPPED
-            # Victims go newest (least urgent) first; they come back in service order.
-            self.swapped.append(request)
-            self.swapped = deque(sorted(self.swapped, key=self.service_order))
-        else:
-            self.kv.free(request.request_id)
-            request.num_computed_tokens = 0
-            request.status = RequestStatus.PREEMPTED
-            self.waiting.push_front(request)
-        logger.debug("preempted %s by %s", request.request_id, "swap" if swap else "recompute")
-
-    def _watermark(self) -> int:
-        """Blocks to keep free when admitting or resuming; none while nothing runs, since a
-        request that fits the whole pool but not pool minus watermark would otherwise wait
-        forever."""
-        return self.watermark_blocks if self.running else 0
-
-    def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
-        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.swapped[0]
-            num_new = self._chunk(self._target_tokens(request)
-                                  - request.num_computed_tokens, budget)
-            needed = self.kv.num_blocks_for(request.num_computed_tokens + num_new)
-            if needed + self._watermark() > self.kv.num_free_blocks:
-                break
-            out.blocks_to_swap_in.extend(self.kv.swap_in(request.request_id))
-            self.swapped.popleft()
-            update = self.kv.allocate_slots(request, num_new)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            if num_new > 0:
-                self._emit(request, num_new, update, out)
-                budget -= num_new
-            elif request.request_id in self._fork_pending:
-                # Its shared prefill finished in a step whose result came after it was swapped
-                # out (overlapped scheduling): it splits now, as update() would have done.
-                self._fork(request)
-        return budget
-
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        block_size = self.kv.block_size
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.peek()
-            cached = []
-            looked_up = request.num_computed_tokens == 0 \
-                and request.request_id not in self.kv.block_tables
-            if looked_up:
-                cached = self.kv.find_cached_prefix(request)
-            target = self._target_tokens(request)
-            cached = cached[:max(target, 0) // block_size]
-            remaining = target - request.num_computed_tokens - len(cached) * block_size
-            if not self.config.enable_chunked_prefill and remaining > budget:
-                break
-            blocks_for_prompt = self.kv.blocks_needed(request, remaining, cached)
-            watermark = self._watermark()
-            if not self.admission_policy(blocks_for_prompt, self.kv.num_free_blocks, watermark):
-                break
-            num_new = self._chunk(remaining, budget)
-            update = self.kv.allocate_slots(request, num_new, cached, reserve=watermark)
-            if update is None:
-                break
-            self.waiting.pop()
-            if looked_up and self.kv.enable_prefix_caching:
-                # After a recompute preemption the lookup covers outputs too.
-                self.prefix_cache_queries += request.num_tokens
-                self.prefix_cache_hits += len(cached) * block_size
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = len(cached) * block_size
-            request.num_computed_tokens += len(cached) * block_size
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            if num_new > 0:
-                self._emit(request, num_new, update, out)
-                budget -= num_new
-            elif request.request_id in self._fork_pending:
-                self._fork(request)
-
-    def _emit(self, request: Request, num_new: int, update: TableUpdate,
-              out: SchedulerOutput) -> None:
-        """Record the request's share of the step and advance its computed-token count."""
+    def _schedule_decode(self, request: Request, out: SchedulerOutput) -> bool:
+        """Schedule a running request's one next token, if that is a plain decode: no fork
+        pending, no sample ruled out, known to the workers, and the token fits its block table
+        as it is. Does what _target_tokens, allocate_slots and _emit would, without their
+        calls and objects, since this is most of every step; False, doing nothing, otherwise."""
         request_id = request.request_id
-        start = request.num_computed_tokens
-        new_data = None
-        if request_id not in self._known_to_workers:
-            self._known_to_workers.add(request_id)
-            table = self.kv.block_tables[request_id]
-            update = TableUpdate(0, list(table), update.copies)
-            new_data = NewRequestData(list(request.prompt_token_ids),
-                                      list(request.output_token_ids), request.sampling_params)
-        table = self.kv.block_tables[request_id]
-        size = self.kv.block_size
-        if num_new == 1:
-            slots = [table[start // size] * size + start % size]
+        kv = self.kv
+        table = kv.block_tables.get(request_id)
+        computed = request.num_computed_tokens
+        pending = request.num_pending_tokens
+        num_prompt = len(request.prompt_token_ids)
+        num_tokens = num_prompt + len(request.output_token_ids)
+        # One token short of num_scheduled_tokens: this token is the last, and it samples.
+        if not (num_tokens + pending == computed + 1 and table is not None
+                and request_id in self._known_to_workers
+                and request_id not in self._fork_pending
+                and not (pending and request.needs_no_more_samples(self.config.max_model_len))
+                and kv.fits_in_place(request, 1, table)):
+            return False
+        if computed >= num_tokens:  # the token sampled by the step still running
+            token_id = PLACEHOLDER_TOKEN_ID
+        elif computed < num_prompt:
+            token_id = request.prompt_token_ids[computed]
         else:
-            slots = [table[p // size] * size + p % size for p in range(start, start + num_new)]
-        end = start + num_new
-        known = min(end, request.num_tokens)
-        token_ids = request.token_ids(start, known)
-        if known < end:  # the token sampled by the step still running
-            token_ids.append(PLACEHOLDER_TOKEN_ID)
-        request.num_computed_tokens = end
-        # Full blocks become cache entries now, not after the step: a request admitted later
-        # in this step (or the next one, scheduled before this one returns) shares them. Every
-        # rank writes a layer's KV for the whole batch before that layer's attention reads it,
-        # and steps run in order, so no one reads a block before it is written.
-        self.kv.cache_computed_blocks(request)
-        sample = end == request.num_scheduled_tokens
-        if sample:
-            request.num_pending_tokens += 1
+            token_id = request.output_token_ids[computed - num_prompt]
+        size = kv.block_size
+        request.num_computed_tokens = computed + 1
+        kv.cache_computed_blocks(request)  # now, not after the step: see _emit
+        request.num_pending_tokens = pending + 1
         out.requests.append(request)
         out.scheduled.append(ScheduledRequest(
-            request_id=request_id,
-            token_ids=token_ids,
-            start_position=start,
-            table_start=update.start,
-            table_blocks=update.block_ids,
-            slot_mapping=slots,
-            sample=sample,
-            new_request=new_data,
-        ))
-        out.blocks_to_copy.extend(update.copies)
-        out.num_batched_tokens += num_new
-
-    def requeue_all_for_recompute(self) -> None:
-        """Every KV block (GPU and swap) was lost with the ranks that held it: each unfinished
-        sequence goes back to the waiting queue, ahead of those already waiting and in service
-        order, to be recomputed from its prompt and the tokens it was given (a token still
-        pending is dropped: its step's result never came). The prefix cache starts empty."""
-        lost = [*self.running, *self.paused.values(), *self.swapped]
-        self.running, self.swapped = [], deque()
-        self.paused.clear()
-        for request in sorted(lost, key=self.service_order, reverse=True):
-            self.kv.free(request.request_id)
-            request.num_computed_tokens = 0
-            request.num_pending_tokens = 0
-            request.status = RequestStatus.PREEMPTED
-            self.waiting.push_front(request)
-        for request in self.requests.values():
-            request.num_pending_tokens = 0
-        self.kv.pool.reset_prefix_cache()
-        self._known_to_workers.clear()
-        self._forgotten = []
-
-    def forget_unwritten_blocks(self, out: SchedulerOutput) -> None:
-        """After `out` failed on the ranks: drop the prefix-cache entries of the blocks it was
-        to write (their KV may never have been computed)."""
-        size = self.kv.block_size
-        for item in out.scheduled:
-            for block_id in {slot // size for slot in item.slot_mapping}:
-                self.kv.pool.uncache(block_id)
+            request_id, [token_id], computed, len(table), [],
+            [table[computed // size] * size + computed % size], True, None))
+        out.num_batched_tokens += 1
+        return True
 
     # ---- after the model ran --------------------------------------------------------------
 
@@ -442,27 +217,51 @@ class Scheduler:
         """
         emitted = []
         finished = False
+        # Once per scheduled request per step: what the loop needs is bound once here.
+        requests = self.requests
+        cache_computed_blocks = self.kv.cache_computed_blocks
+        max_model_len = self.config.max_model_len
         for item, request in zip(out.scheduled, out.requests, strict=True):
-            if self.requests.get(item.request_id) is not request:  # finished or aborted since
+            request_id = item.request_id
+            if requests.get(request_id) is not request:  # finished or aborted since
                 continue
             running = request.status is RequestStatus.RUNNING
             if running:
-                self.kv.cache_computed_blocks(request)
+                cache_computed_blocks(request)
             if item.sample:
                 request.num_pending_tokens -= 1
-                request.append_token(sampled[item.request_id])
+                request.append_token(sampled[request_id])
                 emitted.append(request)
-                if request.check_stop(self.config.max_model_len):
+                if request.check_stop(max_model_len):
                     if not running:
                         self._remove_from_queues(request)
                     self._release(request)
                     finished = True
             elif (running and request.request_id in self._fork_pending
                   and request.num_computed_tokens == request.num_prompt_tokens - 1):
-                self._fork(request)
+                forking.split_into_sequences(self, request)
         if finished:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         return emitted
+
+    # ---- after the ranks failed -----------------------------------------------------------
+
+    def requeue_all_for_recompute(self) -> None:
+        """Every KV block (GPU and swap) was lost with the ranks that held it: each unfinished
+        sequence goes back to the waiting queue, ahead of those already waiting and in service
+        order, to be recomputed from its prompt and the tokens it was given (a token still
+        pending is dropped: its step's result never came). The prefix cache starts empty."""
+        preemption.requeue_all_for_recompute(self)
+
+    def forget_unwritten_blocks(self, out: SchedulerOutput) -> None:
+        """After `out` failed on the ranks: drop the prefix-cache entries of the blocks it was
+        to write (their KV may never have been computed)."""
+        size = self.kv.block_size
+        for item in out.scheduled:
+            for block_id in {slot // size for slot in item.slot_mapping}:
+                self.kv.pool.uncache(block_id)
+
+    # ---- beam search ----------------------------------------------------------------------
 
     def fork_sequence(self, parent_id: str, child_id: str,
                       output_token_ids: list[int] | None = None) -> Request:
@@ -472,63 +271,4 @@ class Scheduler:
         parent's outputs); they must agree with the parent on every token already computed.
         A shared partial last block is copied on the child's first write (copy-on-write).
         """
-        parent = self.requests[parent_id]
-        if parent.status is not RequestStatus.RUNNING:
-            raise ValueError(f"can only fork a running sequence; {parent_id!r} is "
-                             f"{parent.status.value}")
-        if parent_id in self._fork_pending:
-            raise ValueError(f"{parent_id!r} has n > 1 and has not split into its sequences "
-                             "yet; fork one of those instead")
-        if child_id in self.requests:
-            raise ValueError(f"request id {child_id!r} is already in use")
-        outputs = list(parent.output_token_ids if output_token_ids is None else output_token_ids)
-        computed = parent.num_computed_tokens
-        num_prompt = parent.num_prompt_tokens
-        if (parent.prompt_token_ids + outputs)[:computed] != parent.token_ids(0, computed) or (
-            num_prompt + len(outputs) <= computed
-        ):
-            raise ValueError(f"fork of {parent_id!r}: the child's tokens must extend the "
-                             f"parent's {computed} computed tokens")
-        return self._make_child(parent, child_id, outputs, parent.sampling_params)
-
-    def _make_child(self, parent: Request, child_id: str, outputs: list[int],
-                    params: SamplingParams) -> Request:
-        """A running sequence sharing the parent's blocks and computed tokens."""
-        child = Request(
-            request_id=child_id,
-            prompt_token_ids=parent.prompt_token_ids,
-            sampling_params=params,
-            eos_token_id=parent.eos_token_id,
-            arrival_time=parent.arrival_time,
-            priority=parent.priority,
-            cache_salt=parent.cache_salt,
-            output_token_ids=outputs,
-            num_computed_tokens=parent.num_computed_tokens,
-            num_cached_tokens=parent.num_cached_tokens,
-            parent_id=parent.parent_id or parent.request_id,
-            status=RequestStatus.RUNNING,
-        )
-        child.block_hashes = list(
-            parent.block_hashes[:parent.num_computed_tokens // self.kv.block_size])
-        self.kv.fork(parent.request_id, child_id)
-        self.requests[child_id] = child
-        self.running.append(child)
-        return child
-
-    def _fork(self, parent: Request) -> None:
-        """Split a request with n > 1 into n sequences sharing every block of its prefix."""
-        parent_id = parent.request_id
-        self._fork_pending.discard(parent_id)
-        params = parent.sampling_params
-        for index in range(params.n):
-            child_params = dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + index)
-            child_id = child_request_id(parent_id, index)
-            self._make_child(parent, child_id, [], child_params)
-            self.children[parent_id].append(child_id)
-        if parent.status is RequestStatus.RUNNING and self.paused.pop(parent_id, None) is None:
-            self.running.remove(parent)
-        parent.status = RequestStatus.FINISHED
-        self.kv.free(parent_id)
-        del self.requests[parent_id]
-        self._forget(parent_id)
+        return forking.fork_sequence(self, parent_id, child_id, output_token_ids)

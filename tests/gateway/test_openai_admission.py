@@ -10,6 +10,7 @@ The tiny random Llama without a tokenizer (token-id prompts; logprob tokens as '
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 import urllib.error
@@ -130,7 +131,9 @@ def test_lost_replica_ends_the_stream_then_503(aio, ray_cluster, tiny_checkpoint
     import ray
 
     options = ServeOptions(host="127.0.0.1", port=0, http_port=0)
-    with started_server(aio, tiny_config(tiny_checkpoint), options) as served:
+    # No restarts: the replica is lost at once (with restarts its requests would recover).
+    config = dataclasses.replace(tiny_config(tiny_checkpoint), max_worker_restarts=0)
+    with started_server(aio, config, options) as served:
         connection, response = open_stream(served, "/v1/completions", _long())
         try:
             read_events(response, 2)

@@ -180,3 +180,18 @@ def test_paused_request_skips_steps_keeps_blocks_and_aborts_cleanly():
     s.abort_request("b")
     assert s.paused == {}
     assert_all_returned(s, a, b)
+
+
+def test_requeue_after_lost_ranks_resets_the_prefix_cache_a_plain_reset_must_refuse():
+    s = make()
+    a = add(s, "a", range(1, 10), max_tokens=5)
+    step(s)  # blocks 0 and 1 are full: cached, and in use by a
+    assert s.kv.pool.reset_prefix_cache() is False
+    assert [h is not None for h in s.kv.pool.block_hash] == [True, True, False, False, False,
+                                                           False]
+    s.requeue_all_for_recompute()  # frees every block first, so the reset goes through
+    assert s.kv.pool.block_hash == [None] * GPU and s.kv.num_free_blocks == GPU
+    assert a.status is RequestStatus.PREEMPTED and list(s.waiting) == [a]
+    out = step(s)
+    assert [(i.start_position, i.num_tokens) for i in out.scheduled] == [(0, 10)]
+    assert a.num_cached_tokens == 0 and s.prefix_cache_hits == 0

@@ -131,13 +131,46 @@ def test_caching_disabled_gives_no_hits():
     assert kv.pool.num_cached_free_blocks == 0
 
 
-def test_duplicate_content_keeps_first_block_indexed():
+def test_a_second_copy_of_a_prefix_still_hits_after_the_first_is_evicted():
     kv = KVCacheManager(4, 8)
     prefill(kv, req("a", PROMPT))
     prefill(kv, req("b", PROMPT))  # computed separately (no lookup): blocks 3, 4, 5
-    assert kv.block_tables["b"] == [3, 4, 5]
-    assert kv.pool.block_hash[3] is None and kv.pool.block_hash[4] is None
+    assert kv.block_tables == {"a": [0, 1, 2], "b": [3, 4, 5]}
+    assert kv.pool.block_hash[3:5] == kv.pool.block_hash[0:2]
     assert kv.find_cached_prefix(req("c", PROMPT)) == [0, 1]
+    kv.free("a")
+    assert kv.find_cached_prefix(req("c", PROMPT)) == [3, 4]  # in use: costs no free block
+    kv.free("b")
+    assert kv.pool.free_block_ids() == [6, 7, 2, 5, 1, 0, 4, 3]
+    filler = req("filler", [50] * 24)
+    assert kv.allocate_slots(filler, 24).block_ids == [6, 7, 2, 5, 1, 0]  # evicts a's copy
+    c = req("c", PROMPT)
+    assert kv.find_cached_prefix(c) == [3, 4]
+    kv.free("filler")
+    update = kv.allocate_slots(c, 2, [3, 4])
+    assert (update.start, update.block_ids) == (0, [3, 4, 0])
+    assert kv.pool.ref_counts == [1, 0, 0, 1, 1, 0, 0, 0]
+    kv.check_invariants()
+
+
+def test_cache_salt_keys_the_first_block_and_the_chain_carries_it():
+    kv = KVCacheManager(4, 16)
+    a = req("a", PROMPT, salt="tenant-a")
+    prefill(kv, a)
+    first = hash_block(ROOT_HASH, PROMPT[:4], "tenant-a")
+    assert a.block_hashes == [first, hash_block(first, PROMPT[4:8], None)]
+    same = req("same", PROMPT, salt="tenant-a")
+    hits = kv.find_cached_prefix(same)
+    assert hits == [0, 1]
+    assert kv.allocate_slots(same, 2, hits).block_ids == [0, 1, 3]
+    other = req("other", PROMPT, salt="tenant-b")
+    assert kv.find_cached_prefix(other) == []
+    assert prefill(kv, other).block_ids == [4, 5, 6]
+    unsalted = req("unsalted", PROMPT)
+    assert kv.find_cached_prefix(unsalted) == []
+    assert prefill(kv, unsalted).block_ids == [7, 8, 9]
+    assert kv.pool.ref_counts[:10] == [2, 2, 1, 1, 1, 1, 1, 1, 1, 1]
+    kv.check_invariants()
 
 
 def test_fork_shares_blocks_and_copy_on_write_copies_partial_block_once_per_writer():
@@ -203,19 +236,19 @@ def test_swap_out_and_in_exact_pairs():
     kv = KVCacheManager(4, 4, num_cpu_blocks=3, enable_prefix_caching=False)
     a = req("a", [1, 2, 3, 4, 5, 6])
     assert kv.allocate_slots(a, 6).block_ids == [0, 1]
-    assert kv.can_swap_out("a")
-    assert kv.swap_out("a") == [(0, 0), (1, 1)]
+    assert kv.can_swap_out(["a"])
+    assert kv.swap_out(["a"]) == [(0, 0), (1, 1)]
     assert "a" not in kv.block_tables and kv.cpu_block_tables == {"a": [0, 1]}
     assert kv.pool.free_block_ids() == [2, 3, 1, 0]
     b = req("b", [9] * 10)
     kv.allocate_slots(b, 10)  # takes 2, 3, 1
     assert kv.block_tables["b"] == [2, 3, 1]
-    assert kv.swap_in("a") is None  # one free block, two needed
+    assert kv.swap_in(["a"]) is None  # one free block, two needed
     assert kv.cpu_block_tables == {"a": [0, 1]}
-    assert not kv.can_swap_out("b")  # three blocks, CPU has one free
+    assert not kv.can_swap_out(["b"])  # three blocks, CPU has one free
     kv.free("b")
-    assert kv.swap_in("a", reserve=3) is None
-    assert kv.swap_in("a") == [(0, 0), (1, 1)]
+    assert kv.swap_in(["a"], reserve=3) is None
+    assert kv.swap_in(["a"]) == [(0, 0), (1, 1)]
     assert kv.block_tables["a"] == [0, 1] and kv.cpu_block_tables == {}
     assert kv.cpu_pool.num_free_blocks == 3
     kv.check_invariants()
@@ -224,7 +257,7 @@ def test_swap_out_and_in_exact_pairs():
 def test_free_returns_cpu_blocks_of_swapped_request():
     kv = KVCacheManager(4, 4, num_cpu_blocks=4)
     kv.allocate_slots(req("a", [1, 2, 3, 4, 5]), 5)
-    kv.swap_out("a")
+    kv.swap_out(["a"])
     kv.free("a")
     assert kv.cpu_pool.num_free_blocks == 4 and kv.num_free_blocks == 4
     kv.check_invariants()
@@ -233,7 +266,7 @@ def test_free_returns_cpu_blocks_of_swapped_request():
 def test_no_cpu_pool_means_no_swap():
     kv = KVCacheManager(4, 4)
     kv.allocate_slots(req("a", [1]), 1)
-    assert kv.cpu_pool is None and not kv.can_swap_out("a")
+    assert kv.cpu_pool is None and not kv.can_swap_out(["a"])
 
 
 def test_check_invariants_detects_corruption():

@@ -3,13 +3,15 @@ request that ends normally produces exactly its reference token stream."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sched_harness import Spec, check_step, expected_outputs, run_workload
 
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import CacheConfig, SchedulerConfig
-from pagedserve.scheduler.request import Request
+from pagedserve.scheduler.request import Request, RequestStatus
 from pagedserve.scheduler.scheduler import Scheduler
 
 BLOCK_SIZE = 4
@@ -83,6 +85,80 @@ def test_random_streams_keep_invariants_and_match_reference(workload, overlap):
     for request_id, output in expected.items():
         if request_id.split("/")[0] in never_aborted:
             assert result.outputs[request_id] == output
+
+
+@st.composite
+def family_swap_workloads(draw):
+    """Mostly n > 1 requests under swap preemption in small pools, so families swap often."""
+    specs = [draw(request_specs(i)) for i in range(draw(st.integers(1, 5)))]
+    for spec in specs:
+        spec.params = dataclasses.replace(spec.params, n=draw(st.sampled_from([1, 2, 3, 4])))
+    sched = SchedulerConfig(
+        max_num_batched_tokens=draw(st.integers(4, 40)),
+        max_num_seqs=draw(st.integers(2, 8)),
+        max_model_len=MAX_MODEL_LEN,
+        long_prefill_token_threshold=draw(st.sampled_from([0, 3])),
+        preemption_mode="swap",
+        policy=draw(st.sampled_from(["fcfs", "priority"])),
+        watermark=draw(st.sampled_from([0.0, 0.1])),
+    )
+    cache = CacheConfig(
+        block_size=BLOCK_SIZE,
+        num_gpu_blocks=draw(st.integers(MAX_MODEL_LEN // BLOCK_SIZE, 16)),
+        num_cpu_blocks=draw(st.integers(1, 30)),
+        enable_prefix_caching=draw(st.booleans()),
+    )
+    return specs, sched, cache
+
+
+def _family(request: Request) -> str:
+    return request.parent_id or request.request_id
+
+
+class FamilyCheckingScheduler(Scheduler):
+    """Checks around every schedule() that a family leaves the GPU whole, one CPU block per
+    block its sequences share, and comes back with those blocks shared again."""
+
+    def schedule(self):
+        tables = {rid: list(table) for rid, table in self.kv.block_tables.items()}
+        cpu_tables = {rid: list(table) for rid, table in self.kv.cpu_block_tables.items()}
+        before = {rid: request.status for rid, request in self.requests.items()}
+        out = super().schedule()
+        now = {rid: request.status for rid, request in self.requests.items()}
+        left = [rid for rid, status in now.items()
+                if status is RequestStatus.SWAPPED and before.get(rid) is RequestStatus.RUNNING]
+        for family in {_family(self.requests[rid]) for rid in left}:
+            members = [rid for rid in left if _family(self.requests[rid]) == family]
+            to_cpu = {(g, c) for rid in members
+                      for g, c in zip(tables[rid], self.kv.cpu_block_tables[rid], strict=True)}
+            assert len({g for g, _ in to_cpu}) == len({c for _, c in to_cpu}) == len(to_cpu)
+            moved = {g for g, _ in to_cpu}
+            for rid, status in now.items():  # no sibling kept a block they shared throughout
+                if status is RequestStatus.RUNNING and _family(self.requests[rid]) == family:
+                    assert not moved & set(tables.get(rid, ())) & set(self.kv.block_tables[rid])
+        to_gpu = dict(out.blocks_to_swap_in)
+        assert len(to_gpu) == len(out.blocks_to_swap_in) == len(set(to_gpu.values()))
+        copies = set(out.blocks_to_copy)
+        back = [rid for rid, status in now.items()
+                if status is RequestStatus.RUNNING and before.get(rid) is RequestStatus.SWAPPED]
+        for rid in back:  # a table may have grown past its swapped part this step
+            gpu_table = self.kv.block_tables[rid][:len(cpu_tables[rid])]
+            for cpu_block, gpu_block in zip(cpu_tables[rid], gpu_table, strict=True):
+                assert gpu_block == to_gpu[cpu_block] or (to_gpu[cpu_block], gpu_block) in copies
+        return out
+
+
+@SETTINGS
+@given(family_swap_workloads(), st.booleans())
+def test_families_swap_whole_and_keep_their_shared_blocks_shared(workload, overlap):
+    """n > 1 under swap, with and without overlapped steps: exact reference streams, and the
+    family checks above at every step."""
+    specs, sched, cache = workload
+    result = run_workload(specs, sched, cache, max_steps=3000, overlap=overlap,
+                          scheduler_factory=FamilyCheckingScheduler)
+    expected = expected_outputs(specs, MAX_MODEL_LEN)
+    for request_id, output in result.outputs.items():
+        assert output == expected[request_id], request_id
 
 
 @SETTINGS
