@@ -1,17 +1,21 @@
 """The gateway's two fronts, gRPC and OpenAI HTTP, with the gateway as the bottleneck: a stub
-coordinator that makes tokens as fast as the gateway takes them (no engine, no Ray) feeds the
-real `Gateway`, its gRPC server and its OpenAI HTTP server (uvicorn, as `pagedserve serve`
-runs them) in a process of their own, and the load generator streams the same requests through
-each front in turn: GenerateStream, then streaming /v1/completions (`ignore_eos`, no
-tokenizer: token ids only, as bench/serving.py's random-weight runs).
+coordinator that makes tokens as fast as the gateway takes them (no engine, no Ray;
+`--step-ms` paces it like an engine instead) feeds the real `Gateway`, its gRPC server and its
+OpenAI HTTP server (uvicorn, as `pagedserve serve` runs them) in a process of their own, and
+the load generator streams the same requests through each front in turn: GenerateStream, then
+streaming /v1/completions (`ignore_eos`, no tokenizer: token ids only, as bench/serving.py's
+random-weight runs).
 
-It reports each front's output tokens/s and the gateway process's CPU time per 1,000 tokens
-(what a busy machine changes least), then their ratio. The load generator runs in a process
-of its own as well, and its CPU time is reported too: a front whose client is the limiter
-would show it there.
+Per front it reports output tokens/s and the gateway's CPU time per output token: of its main
+thread, the event loop that runs every front's Python (what bounds the gateway, and what a busy
+machine changes least), and of the whole process (gRPC's C-core threads add theirs, outside the
+GIL). The load generator runs in a process of its own: its loop's CPU per token shows whether
+the client is the limiter. Also when the requests of the burst reached the coordinator (the
+last one: how long admission takes) and TTFT.
 
     python bench/gateway_fronts.py              # 256 x (512 -> 128) tokens, 3 rounds
     python bench/gateway_fronts.py --num-requests 512 --output-len 64 --json out/fronts.json
+    python bench/gateway_fronts.py --step-ms 25   # an engine's pace: both fronts keep up?
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "pagedserve", "serve", "--port", "0", "--http-port", "0",
+               "--log-level", "warning",
                "--device", args.device]
     if args.model:
         command += ["--model", args.model]
