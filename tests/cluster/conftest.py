@@ -7,25 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.engine.engine_utils import HFReference
 from tests.helpers.tiny_models import save_tiny_checkpoint
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 ray = pytest.importorskip("ray")
 
 # Logical CPUs (the ranks sleep between steps): a TP=2 replica (coordinator + 2 ranks) beside
 # another TP=2 one fits, even on a 2-core machine.
 RAY_CPUS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Intra-op threads spin badly on a busy 2-core machine; restored after each module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)

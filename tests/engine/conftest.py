@@ -6,20 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.engine.engine_utils import HFReference
 from tests.helpers.tiny_models import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, which spin badly on a busy 2-core
-    machine (a 5x slowdown seen); restored after each module so other folders are unaffected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="session")

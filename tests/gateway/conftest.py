@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.gateway.gateway_utils import LoopThread
 from tests.helpers.tiny_models import save_tiny_checkpoint
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 ray = pytest.importorskip("ray")
 
@@ -21,15 +21,6 @@ ray = pytest.importorskip("ray")
 RAY_CPUS = 8
 HERE = Path(__file__).resolve().parent
 _ray_started_here = False
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Intra-op threads spin badly on a busy 2-core machine; restored after each module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -23,17 +23,10 @@ from transformers import AutoModelForCausalLM
 from pagedserve.workers.models import loader
 from pagedserve.workers.models.loader import load_model
 from tests.engine.engine_utils import HFReference, greedy, make_llm, make_prompts, token_ids
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 MAX_TOKENS = 16
 PROMPTS = make_prompts((4, 19, 33), seed=7)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_bin_checkpoint(source: Path, target: Path, num_shards: int = 1,

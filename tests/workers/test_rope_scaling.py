@@ -24,6 +24,7 @@ from tests.engine.engine_utils import (
     token_ids,
 )
 from tests.helpers.tiny_models import save_tiny_checkpoint, tiny_config
+from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 MAX_POSITIONS = 64
 YARN_ORIGINAL = 16
@@ -57,15 +58,6 @@ TABLE_CASES = {
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
     "default": None,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As in tests/engine: intra-op threads only slow the tiny models on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
