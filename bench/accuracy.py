@@ -12,6 +12,14 @@ model has; the rest uses the usual 0.02. Reports:
   shows how far bf16 rounding alone moves the peer (the noise floor of the comparison).
 
     python bench/accuracy.py --json out/accuracy.json
+
+``--kv-cache-dtype fp8`` adds the fp8-KV run of the same model against its bf16-KV run (issue
+11): the share of prompts whose greedy continuations are identical, and the teacher-forced
+logprob difference: the logprobs the fp8 run returned for its tokens against those the bf16-KV
+engine gives the same tokens (as prompt logprobs). Scales come from the first prefill
+(``--no-calculate-kv-scales``: 1.0 with a warning; these checkpoints carry none). Acceptance:
+
+    python bench/accuracy.py --trained --kv-cache-dtype fp8 --json $OUT/accuracy_fp8.json
 """
 
 from __future__ import annotations
@@ -84,6 +92,45 @@ def agreement(candidates: list[list[int]], references: list[list[int]]) -> tuple
     return identical / len(candidates), matched / total
 
 
+def _engine(path: str, kv_cache_dtype: str, calculate_kv_scales: bool) -> LLM:
+    # A fixed pool: profiling would count what an earlier engine of this process left cached.
+    return LLM(model=path, dtype="bfloat16", device="cuda", max_model_len=1024,
+               kv_cache_memory_gib=8.0, kv_cache_dtype=kv_cache_dtype,
+               calculate_kv_scales=calculate_kv_scales)
+
+
+def _release(llm: LLM) -> None:
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+
+
+def compare_kv_cache_dtypes(path: str, prompts: list[list[int]], max_tokens: int,
+                            calculate_kv_scales: bool, bf16_tokens: list[list[int]]) -> dict:
+    """fp8-KV greedy run vs the bf16-KV run's tokens, and the bf16-KV engine's teacher-forced
+    logprobs of the fp8 run's tokens vs the logprobs the fp8 run returned."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    llm = _engine(path, "fp8", calculate_kv_scales)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    kv_cache_dtype = llm.engine.model_info()["kv_cache_dtype"]
+    _release(llm)
+    fp8_tokens = [o.outputs[0].token_ids for o in outputs]
+    fp8_logprobs = torch.tensor([lp.logprob for o in outputs for lp in o.outputs[0].logprobs])
+    llm = _engine(path, "auto", False)
+    forced = llm.generate([p + list(t) for p, t in zip(prompts, fp8_tokens, strict=True)],
+                          SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0),
+                          use_tqdm=False)
+    _release(llm)
+    bf16_logprobs = torch.tensor([entry.logprob for o, p in zip(forced, prompts, strict=True)
+                                  for entry in o.prompt_logprobs[len(p):]])
+    identical, matched = agreement(fp8_tokens, bf16_tokens)
+    diffs = (fp8_logprobs - bf16_logprobs).abs()
+    return {"kv_cache_dtype": kv_cache_dtype, "calculate_kv_scales": calculate_kv_scales,
+            "identical_prompt_fraction": identical, "matched_token_fraction": matched,
+            "teacher_forced_logprob_abs_diff_max": diffs.max().item(),
+            "teacher_forced_logprob_abs_diff_mean": diffs.mean().item()}
+
+
 def markov_chain(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's three successors and their probabilities (0.6 / 0.25 / 0.15)."""
     generator = torch.Generator().manual_seed(seed)
@@ -142,6 +189,10 @@ def main() -> None:
                         help="spread of the LM head weights: larger = more confident model")
     parser.add_argument("--trained", action="store_true",
                         help="train a small model on a Markov chain instead of random weights")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: also compare an fp8-KV run against the bf16-KV run")
+    parser.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction,
+                        default=True, help="fp8 scales from the first prefill (else 1.0)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
                                                        "accuracy.json"))
     args = parser.parse_args()
@@ -161,14 +212,15 @@ def main() -> None:
         else:
             write_checkpoint(path, args.seed, args.lm_head_std)
             report["model"] = f"random weights, LM head std {args.lm_head_std}"
-        llm = LLM(model=path, dtype="bfloat16", device="cuda", max_model_len=1024,
-                  gpu_memory_utilization=0.5)
+        llm = _engine(path, "auto", False)
         ours = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                                     ignore_eos=True, logprobs=0),
                             use_tqdm=False)
-        del llm
-        torch.cuda.empty_cache()
+        _release(llm)
         ours_tokens = [o.outputs[0].token_ids for o in ours]
+        if args.kv_cache_dtype == "fp8":
+            report["fp8_kv_vs_bf16_kv"] = compare_kv_cache_dtypes(
+                path, prompts, args.max_tokens, args.calculate_kv_scales, ours_tokens)
         ours_logprobs = [torch.tensor([lp.logprob for lp in o.outputs[0].logprobs],
                                       device="cuda") for o in ours]
         runs = {}
@@ -204,6 +256,13 @@ def main() -> None:
                         "teacher_forced_logprob_abs_diff_mean": diffs.mean().item()}
         print(f"{name:<34}{identical:>10.3f}{matched:>9.3f}{diffs.max().item():>12.4f}"
               f"{diffs.mean().item():>8.4f}")
+    fp8 = report.get("fp8_kv_vs_bf16_kv")
+    if fp8:
+        print(f"{'pagedserve fp8 KV vs bf16 KV':<34}{fp8['identical_prompt_fraction']:>10.3f}"
+              f"{fp8['matched_token_fraction']:>9.3f}"
+              f"{fp8['teacher_forced_logprob_abs_diff_max']:>12.4f}"
+              f"{fp8['teacher_forced_logprob_abs_diff_mean']:>8.4f}"
+              "   (targets: identical >= 0.9, |dlogp| <= 0.1)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -4,8 +4,14 @@ Workload (seeded): N prompts of random token ids (lengths uniform in a range) x 
 of output tokens, greedy, EOS ignored. Peer, in the same process and on the same weights and
 dtype: transformers `generate` on the whole batch at once, left-padded, `min_new_tokens` =
 `max_new_tokens` (its way of running to the length). Both at the same torch thread count (one
-by default). The peers alternate for `--repeats` rounds after a warm-up each; medians are
-reported. Wall time covers everything `generate` does (prefill and decode) for each peer.
+by default). The peers alternate for `--repeats` rounds after a warm-up each. Every round draws
+new prompts (the same for both peers), so pagedserve's prefix cache never serves a prompt it saw
+in an earlier round (it would: with one fixed prompt set, rounds after the first skipped most
+of the prefill). Wall time covers everything `generate` does (prefill and decode) for each peer;
+reported: each peer's median, and the per-round speedup (same prompts, adjacent in time, so
+both saw about the same machine load) with its median, minimum and maximum. Both peers compute
+on the calling thread (one torch thread), so each run's thread CPU time is reported too: on a
+shared machine it leaves out the time the process waited for a core, which wall time does not.
 
 Model: `--model DIR`, default the real default model when
 `pagedserve.engine.default_model.ensure_default_model()` gives a SmolLM2 directory, else a
@@ -69,7 +75,7 @@ def default_model(scratch: Path) -> tuple[str, str]:
     return str(target), f"random weights, SmolLM2-135M's shape ({reason})"
 
 
-def make_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
+def make_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: str) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(min_len, max_len))]
             for _ in range(num)]
@@ -115,14 +121,15 @@ class TransformersPeer:
         del self.model
 
 
-def timed(peer, prompts, output_len) -> tuple[float, list[list[int]]]:
+def timed(peer, prompts, output_len) -> tuple[float, float, list[list[int]]]:
+    """(wall seconds, this thread's CPU seconds, output token ids) of one `generate`."""
     gc.collect()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.thread_time()
     tokens = peer.generate(prompts, output_len)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - start_cpu
     if [len(t) for t in tokens] != [output_len] * len(prompts):
         raise RuntimeError(f"{peer.name} returned {[len(t) for t in tokens]} tokens per prompt")
-    return seconds, tokens
+    return seconds, cpu_seconds, tokens
 
 
 def main() -> None:
@@ -150,8 +157,9 @@ def main() -> None:
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(model).vocab_size
-        prompts = make_prompts(args.num_prompts, *args.prompt_len, vocab, args.seed)
-        warmup = [prompt[:16] for prompt in prompts[:2]]
+        rounds = [make_prompts(args.num_prompts, *args.prompt_len, vocab, f"{args.seed}/{r}")
+                  for r in range(args.repeats)]
+        warmup = make_prompts(2, 16, 16, vocab, f"{args.seed}/warm-up")
         peers = [PagedServePeer(model, args.dtype, args.threads)]
         if not args.skip_transformers:
             peers.append(TransformersPeer(model, getattr(torch, args.dtype)))
@@ -159,11 +167,14 @@ def main() -> None:
         for peer in peers:
             peer.generate(warmup, 4)
         runs: dict[str, list[float]] = {peer.name: [] for peer in peers}
-        outputs: dict[str, list[list[int]]] = {}
-        for _ in range(args.repeats):
+        cpu_runs: dict[str, list[float]] = {peer.name: [] for peer in peers}
+        outputs: dict[str, list[list[int]]] = {peer.name: [] for peer in peers}
+        for prompts in rounds:
             for peer in peers:  # alternate, so both see the same machine load over time
-                seconds, outputs[peer.name] = timed(peer, prompts, args.output_len)
+                seconds, cpu_seconds, tokens = timed(peer, prompts, args.output_len)
                 runs[peer.name].append(seconds)
+                cpu_runs[peer.name].append(cpu_seconds)
+                outputs[peer.name] += tokens
         for peer in peers:
             peer.close()
 
@@ -171,14 +182,17 @@ def main() -> None:
     results = {}
     for name, seconds in runs.items():
         median = statistics.median(seconds)
-        results[name] = {"runs_s": seconds, "median_s": median, "tok_per_s": num_tokens / median}
+        cpu_median = statistics.median(cpu_runs[name])
+        results[name] = {"runs_s": seconds, "median_s": median, "tok_per_s": num_tokens / median,
+                         "cpu_runs_s": cpu_runs[name], "cpu_median_s": cpu_median,
+                         "tok_per_cpu_s": num_tokens / cpu_median}
     report = {
         "bench": "cpu_throughput",
         "model": model if args.model else Path(model).name,
         "model_source": model_source,
         "num_prompts": args.num_prompts,
         "prompt_len_range": list(args.prompt_len),
-        "prompt_tokens": sum(len(p) for p in prompts),
+        "prompt_tokens_per_round": [sum(len(p) for p in prompts) for prompts in rounds],
         "output_len": args.output_len,
         "dtype": args.dtype,
         "threads": args.threads,
@@ -188,23 +202,33 @@ def main() -> None:
         "results": results,
     }
     if "transformers" in results:
-        report["speedup_vs_transformers"] = (results["pagedserve"]["tok_per_s"]
-                                             / results["transformers"]["tok_per_s"])
+        for key, timings in (("speedup", runs), ("cpu_time_speedup", cpu_runs)):
+            ratios = [t / p for p, t in zip(timings["pagedserve"], timings["transformers"],
+                                            strict=True)]
+            report[f"{key}_per_round"] = ratios
+            report[f"{key}_median"] = statistics.median(ratios)
+            report[f"{key}_min_max"] = [min(ratios), max(ratios)]
         # Greedy on the same weights: identical outputs unless fp32 rounding flips a near-tie.
         same = sum(a == b for a, b in zip(outputs["pagedserve"], outputs["transformers"],
                                           strict=True))
-        report["identical_outputs"] = f"{same}/{args.num_prompts}"
+        report["identical_outputs"] = f"{same}/{len(outputs['pagedserve'])}"
 
     print(f"model: {report['model']} ({model_source}); {args.num_prompts} prompts of "
-          f"{args.prompt_len[0]}-{args.prompt_len[1]} tokens ({report['prompt_tokens']} in all) "
+          f"{args.prompt_len[0]}-{args.prompt_len[1]} tokens (new ones each round) "
           f"x {args.output_len} output tokens, greedy, {args.dtype}, {args.threads} thread(s)")
-    print(f"{'peer':<14}{'median s':>10}{'output tok/s':>14}  runs (s)")
+    print(f"{'peer':<14}{'median s':>10}{'output tok/s':>14}{'CPU s':>8}  runs: wall s (CPU s)")
     for name, result in results.items():
-        print(f"{name:<14}{result['median_s']:>10.2f}{result['tok_per_s']:>14.1f}  "
-              + ", ".join(f"{s:.2f}" for s in result["runs_s"]))
-    if "speedup_vs_transformers" in report:
-        print(f"pagedserve / transformers: {report['speedup_vs_transformers']:.2f}x; identical "
-              f"greedy outputs: {report['identical_outputs']}")
+        print(f"{name:<14}{result['median_s']:>10.2f}{result['tok_per_s']:>14.1f}"
+              f"{result['cpu_median_s']:>8.2f}  " + ", ".join(
+                  f"{s:.2f} ({c:.2f})" for s, c in zip(result["runs_s"], result["cpu_runs_s"],
+                                                       strict=True)))
+    for key, label in (("speedup", "wall time"), ("cpu_time_speedup", "CPU time")):
+        if f"{key}_median" in report:
+            low, high = report[f"{key}_min_max"]
+            print(f"pagedserve / transformers per round, {label}: median "
+                  f"{report[f'{key}_median']:.2f}x (min {low:.2f}x, max {high:.2f}x)")
+    if "identical_outputs" in report:
+        print(f"identical greedy outputs: {report['identical_outputs']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -6,7 +6,16 @@ then times with ``triton.testing.do_bench`` (median), rotating among several inp
 set would fit in L2. The decode floor is the K/V bytes read divided by the device copy bandwidth
 measured in this run (a large device-to-device copy, read + write bytes counted).
 
-    python bench/kernels.py [--json PATH] [--quick] [--sections tune,decode,prefill]
+    python bench/kernels.py [--json PATH] [--quick] [--sections tune,decode,prefill,fp8]
+                            [--kv-cache-dtype auto|fp8]
+
+``--kv-cache-dtype fp8`` runs every section over e4m3 caches (per-layer scales; SDPA and
+FlexAttention get the dequantized K/V in bf16, and the decode floor counts the fp8 bytes). The
+``fp8`` section is issue 11's acceptance table: decode at batch 64 x 32K and 256 x 4K (Llama-3-8B
+heads, block 16), the bf16 and the fp8 paged kernel on the same shapes, each one's share of the
+copy bandwidth counting its own K/V bytes, and the speed-up:
+
+    python bench/kernels.py --sections fp8 --json $OUT/kernels_fp8.json
 
 Prints a table and writes JSON (default ``$OUT/kernels.json`` when ``OUT`` is set).
 """
@@ -29,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pagedserve.kernels.kv_quant import FP8_KV_DTYPE, dequantize_kv, quantize_kv  # noqa: E402
 from pagedserve.kernels.paged_attention import (  # noqa: E402
     AttentionConfig,
     paged_attention,
@@ -37,6 +47,9 @@ from pagedserve.kernels.paged_attention import (  # noqa: E402
 )
 
 DTYPE = torch.bfloat16
+KV_DTYPES = {"auto": DTYPE, "fp8": FP8_KV_DTYPE}
+KV_DTYPE = DTYPE  # the caches' dtype (--kv-cache-dtype)
+FP8_ACCEPTANCE_POINTS = ((64, 32768), (256, 4096))  # (batch, context), Llama-3-8B heads
 HEAD_SHAPES = {  # name: (q heads, kv heads, head_dim)
     "llama3-8b": (32, 8, 128),
     "llama3-70b-tp2": (32, 4, 128),
@@ -79,15 +92,33 @@ class PagedProblem:
     of a ``ctx``-token context, in one shared paged cache with shuffled block tables; plus the
     same K/V laid out contiguously for SDPA ([batch, kv_heads, ctx, head_dim])."""
 
-    def __init__(self, heads, batch, ctx, q_len, block_size, sets, with_dense=True):
+    def __init__(self, heads, batch, ctx, q_len, block_size, sets, with_dense=True,
+                 kv_dtype=None):
         num_q_heads, num_kv_heads, head_dim = heads
+        self.kv_dtype = kv_dtype or KV_DTYPE
         self.batch, self.ctx, self.q_len, self.sets = batch, ctx, q_len, sets
         self.heads = heads
         blocks_per_seq = triton.cdiv(ctx, block_size)
         num_blocks = sets * batch * blocks_per_seq
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.key_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-        self.value_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        self.scales = {}
+        if self.kv_dtype == FP8_KV_DTYPE:
+            # Scales as calibration would set them: randn's largest magnitudes (about 5.5 in
+            # these sizes) onto 448. Filled one block range at a time to cap the bf16 staging.
+            self.scales = dict(k_scale=torch.tensor([5.5 / 448], device="cuda"),
+                               v_scale=torch.tensor([5.0 / 448], device="cuda"))
+            self.key_cache = torch.empty(shape, device="cuda", dtype=FP8_KV_DTYPE)
+            self.value_cache = torch.empty(shape, device="cuda", dtype=FP8_KV_DTYPE)
+            step = max(1, 2**28 // (block_size * num_kv_heads * head_dim))
+            for cache, scale in ((self.key_cache, self.scales["k_scale"]),
+                                 (self.value_cache, self.scales["v_scale"])):
+                for first in range(0, num_blocks, step):
+                    count = min(step, num_blocks - first)
+                    cache[first : first + count] = quantize_kv(
+                        torch.randn((count, *shape[1:]), device="cuda", dtype=DTYPE), scale)
+        else:
+            self.key_cache = torch.randn(shape, device="cuda", dtype=self.kv_dtype)
+            self.value_cache = torch.randn(shape, device="cuda", dtype=self.kv_dtype)
         order = torch.randperm(num_blocks, device="cuda", dtype=torch.int64)
         self.block_tables = order.view(sets, batch, blocks_per_seq).int()
         self.queries = torch.randn(sets, batch * q_len, num_q_heads, head_dim, device="cuda")
@@ -101,15 +132,18 @@ class PagedProblem:
         self.dense = []
         if with_dense:
             for index in range(sets):
-                self.dense.append(tuple(self._dense(cache, index) for cache in self.caches))
+                self.dense.append(tuple(self._dense(cache, name, index) for cache, name in
+                                        zip(self.caches, ("k_scale", "v_scale"), strict=True)))
 
     @property
     def caches(self):
         return (self.key_cache, self.value_cache)
 
-    def _dense(self, cache, index):
+    def _dense(self, cache, scale_name, index):
         blocks = self.block_tables[index].long()  # [batch, blocks_per_seq]
         gathered = cache[blocks].flatten(1, 2)[:, : self.ctx]  # [batch, ctx, kv_heads, dim]
+        if scale_name in self.scales:  # SDPA sees the values the fp8 cache holds
+            gathered = dequantize_kv(gathered, self.scales[scale_name], DTYPE)
         return gathered.transpose(1, 2).contiguous()
 
     def _inputs(self, index) -> tuple[tuple, dict]:
@@ -122,7 +156,8 @@ class PagedProblem:
             self.query_start_loc,
             self.seq_lens,
         )
-        return args, dict(scale=self.scale, max_query_len=self.q_len, max_seq_len=self.ctx)
+        return args, dict(scale=self.scale, max_query_len=self.q_len, max_seq_len=self.ctx,
+                          **self.scales)
 
     def paged(self, index, config=None):
         args, kwargs = self._inputs(index)
@@ -224,9 +259,9 @@ def time_flex(problem, quick):
     return time_rotating(run, problem.sets, quick)
 
 
-def decode_kv_bytes(heads, batch: int, ctx: int) -> int:
+def decode_kv_bytes(heads, batch: int, ctx: int, kv_dtype=None) -> int:
     """K and V bytes one decode call reads: every context token of every KV head."""
-    return 2 * batch * ctx * heads[1] * heads[2] * DTYPE.itemsize
+    return 2 * batch * ctx * heads[1] * heads[2] * (kv_dtype or KV_DTYPE).itemsize
 
 
 def sets_for(kv_bytes: int) -> int:
@@ -238,6 +273,7 @@ def sets_for(kv_bytes: int) -> int:
 def check_correctness(results):
     """Kernel vs torch reference on ragged mixed batches before any timing."""
     from tests.kernels._batches import make_batch
+    from tests.kernels._fp8 import quantize_batch
 
     for (name, heads), block_size in itertools.product(HEAD_SHAPES.items(), (16, 32)):
         num_q_heads, num_kv_heads, head_dim = heads
@@ -251,10 +287,14 @@ def check_correctness(results):
             dtype=DTYPE,
             device="cuda",
         )
+        kwargs = batch.kwargs()
+        if KV_DTYPE == FP8_KV_DTYPE:
+            fp8 = quantize_batch(batch)
+            batch, kwargs = fp8.batch, fp8.kwargs()
         for splits in (None, 5):
             out = torch.full_like(batch.query, float("nan"))
-            paged_attention(*batch.args(), **batch.kwargs(), out=out, num_kv_splits=splits)
-            error = relative_error(out, paged_attention_reference(*batch.args(), **batch.kwargs()))
+            paged_attention(*batch.args(), **kwargs, out=out, num_kv_splits=splits)
+            error = relative_error(out, paged_attention_reference(*batch.args(), **kwargs))
             ok = error < 1e-2 and not out.isnan().any()
             results["correctness"].append(
                 dict(shape=name, block_size=block_size, num_kv_splits=splits, rel_error=error)
@@ -447,13 +487,41 @@ def prefill_sweep(results, quick):
         torch.cuda.empty_cache()
 
 
+def fp8_acceptance(results, quick):
+    """bf16 and fp8 caches on the same decode shapes: time, share of the copy bandwidth (each
+    counting its own K/V bytes) and the fp8 speed-up (issue 11: >= 85% and >= 1.6x)."""
+    heads = HEAD_SHAPES["llama3-8b"]
+    for batch, ctx in FP8_ACCEPTANCE_POINTS:
+        row = dict(shape="llama3-8b", block_size=16, batch=batch, ctx=ctx)
+        for name, kv_dtype in (("bf16", DTYPE), ("fp8", FP8_KV_DTYPE)):
+            kv_bytes = decode_kv_bytes(heads, batch, ctx, kv_dtype)
+            problem = PagedProblem(heads, batch, ctx, 1, 16, sets_for(kv_bytes),
+                                   with_dense=False, kv_dtype=kv_dtype)
+            row[f"{name}_rel_error_vs_reference"] = relative_error(problem.paged(0),
+                                                                   problem.reference(0))
+            if row[f"{name}_rel_error_vs_reference"] > 2e-2:
+                raise SystemExit(f"{name} decode mismatch vs the reference: {row}")
+            row[f"{name}_us"] = 1e3 * time_graph(problem.paged, problem.sets, quick)
+            row[f"{name}_kv_bytes"] = kv_bytes
+            floor_us = kv_bytes / results["copy_bandwidth"] * 1e6
+            row[f"{name}_pct_of_copy_bw"] = 100 * floor_us / row[f"{name}_us"]
+            del problem
+            torch.cuda.empty_cache()
+        row["fp8_speedup"] = row["bf16_us"] / row["fp8_us"]
+        results["fp8"].append(row)
+        print(f"fp8 acceptance b{batch} ctx{ctx}: bf16 {row['bf16_us']:.1f} us "
+              f"({row['bf16_pct_of_copy_bw']:.1f}% bw), fp8 {row['fp8_us']:.1f} us "
+              f"({row['fp8_pct_of_copy_bw']:.1f}% bw), speed-up {row['fp8_speedup']:.2f}x")
+
+
 def print_tables(results):
     print(
         f"\ndevice: {results['device']}, copy bandwidth {results['copy_bandwidth'] / 1e12:.2f}"
         " TB/s (read + write)"
     )
+    kv = "fp8 e4m3 K/V" if KV_DTYPE == FP8_KV_DTYPE else "bf16"
     print(
-        "\nDECODE (bf16, us per call, median of CUDA-graph replays; %bw = K/V bytes / copy "
+        f"\nDECODE ({kv}, us per call, median of CUDA-graph replays; %bw = K/V bytes / copy "
         "bandwidth / time; eager = paged without a graph, host launch overhead included)"
     )
     print(
@@ -472,7 +540,7 @@ def print_tables(results):
             f"{row['sdpa_pct_of_copy_bw']:6.1f} {row['paged_over_sdpa']:10.3f} "
             f"{row['paged_eager_us']:9.1f} {flex:>10s}"
         )
-    print("\nPREFILL (bf16, 2048-token prompts, block 16)")
+    print(f"\nPREFILL ({kv}, 2048-token prompts, block 16)")
     print(
         f"{'shape':15s} {'batch':>5s} {'paged TF/s':>10s} {'sdpa TF/s':>10s} "
         f"{'paged/sdpa tok/s':>16s}"
@@ -482,6 +550,15 @@ def print_tables(results):
             f"{row['shape']:15s} {row['batch']:5d} {row['paged_tflops']:10.1f} "
             f"{row['sdpa_tflops']:10.1f} {row['paged_over_sdpa_throughput']:16.3f}"
         )
+    if results["fp8"]:
+        print("\nFP8 KV ACCEPTANCE (llama3-8b heads, block 16, us per call in CUDA graphs; %bw "
+              "counts each dtype's own K/V bytes; target fp8 >= 85% and >= 1.6x bf16)")
+        print(f"{'batch':>5s} {'ctx':>6s} {'bf16 us':>9s} {'%bw':>6s} {'fp8 us':>9s} "
+              f"{'%bw':>6s} {'speed-up':>8s}")
+        for row in results["fp8"]:
+            print(f"{row['batch']:5d} {row['ctx']:6d} {row['bf16_us']:9.1f} "
+                  f"{row['bf16_pct_of_copy_bw']:6.1f} {row['fp8_us']:9.1f} "
+                  f"{row['fp8_pct_of_copy_bw']:6.1f} {row['fp8_speedup']:8.2f}")
 
 
 def main():
@@ -489,8 +566,13 @@ def main():
     default_json = os.path.join(os.environ["OUT"], "kernels.json") if "OUT" in os.environ else None
     parser.add_argument("--json", default=default_json)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sections", default="tune,decode,prefill")
+    parser.add_argument("--sections", default="tune,decode,prefill",
+                        help="comma-separated: tune, decode, prefill, fp8")
+    parser.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto",
+                        help="cache dtype of the tune/decode/prefill sections (auto = bf16)")
     args = parser.parse_args()
+    global KV_DTYPE
+    KV_DTYPE = KV_DTYPES[args.kv_cache_dtype]
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA device")
     torch.manual_seed(0)
@@ -503,6 +585,8 @@ def main():
         tune=[],
         decode=[],
         prefill=[],
+        fp8=[],
+        kv_cache_dtype=str(KV_DTYPE).removeprefix("torch."),
     )
     started = time.time()
     results["copy_bandwidth"] = measure_copy_bandwidth()
@@ -514,7 +598,8 @@ def main():
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
-    for section, fn in (("tune", tune), ("decode", decode_sweep), ("prefill", prefill_sweep)):
+    for section, fn in (("tune", tune), ("decode", decode_sweep), ("prefill", prefill_sweep),
+                        ("fp8", fp8_acceptance)):
         if section in sections:
             fn(results, args.quick)
             save()

@@ -139,7 +139,8 @@ class FakeExecutor:
 
     def collective(self, method: str, *args):
         if method == "describe":
-            return [{"vocab_size": VOCAB, "dtype": "float16", "device": "fake",
+            return [{"vocab_size": VOCAB, "dtype": "float16", "kv_cache_dtype": "float16",
+                     "device": "fake",
                      "eos_token_ids": [2], "block_bytes": 1 << 20,
                      "max_position_embeddings": MAX_MODEL_LEN}]
         if method == "num_gpu_blocks":

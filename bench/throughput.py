@@ -7,6 +7,16 @@ batching; every output's `.error` is checked). The floor is prefill FLOPs at the
 matmul rate plus decode bytes (weights + KV read each step) at the measured copy bandwidth.
 
     python bench/throughput.py --json out/throughput.json
+
+``--kv-cache-dtype fp8`` stores the KV cache in e4m3 (scales calibrated on the first prefill);
+``both`` runs pagedserve twice in the same process, model-dtype KV then fp8 KV, and reports the
+fp8/bf16 ratios of output tokens/s and of KV blocks at the same ``gpu_memory_utilization``.
+Issue 11's KV-bound acceptance run (8B shape, 1,024 x (2,048 -> 256), enough sequences per
+step that the KV pool, not max_num_seqs, bounds the batch):
+
+    python bench/throughput.py --num-requests 1024 --input-len 2048 --output-len 256 \
+        --max-num-seqs 1024 --kv-cache-dtype both --skip-hf --skip-sharegpt \
+        --json $OUT/throughput_fp8.json
 """
 
 from __future__ import annotations
@@ -146,17 +156,22 @@ def run_pagedserve(
     max_num_seqs: int,
     max_num_batched_tokens: int,
     tensor_parallel_size: int = 1,
+    kv_cache_dtype: str = "auto",
 ) -> dict:
+    # Room for the longest prompt plus its output (the fixed workload's 2048 -> 256 too).
+    max_model_len = max(2048, max(map(len, prompts)) + max(outputs))
     llm = LLM(
         model=model_dir,
         tensor_parallel_size=tensor_parallel_size,
         load_format="dummy",
         dtype="bfloat16",
         device="cuda",
-        max_model_len=2048,
+        max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_batched_tokens=max(max_num_batched_tokens, max_model_len),
         enable_prefix_caching=False,
+        kv_cache_dtype=kv_cache_dtype,
+        calculate_kv_scales=True,
     )
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # compile kernels, warm caches
@@ -173,8 +188,11 @@ def run_pagedserve(
             "output_tokens": tokens,
             "output_tok_s": tokens / elapsed,
         }
+    model_info = llm.engine.model_info()
     info = {
         "num_gpu_blocks": llm.engine.scheduler.kv.pool.num_blocks,
+        "kv_cache_dtype": model_info["kv_cache_dtype"],
+        "kv_cache_capacity_tokens": model_info["kv_cache_capacity_tokens"],
         "preemptions": llm.engine.scheduler.num_preemptions,
     }
     llm.shutdown()
@@ -287,6 +305,9 @@ def main() -> None:
         default=1,
         help="GPUs for pagedserve (Ray workers); the floor scales with it, transformers uses one",
     )
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "both"), default="auto",
+                        help="pagedserve's KV cache: model dtype, fp8 (e4m3), or both in turn "
+                        "(with the fp8/bf16 ratios)")
     parser.add_argument(
         "--json", default=os.path.join(os.environ.get("OUT", "out"), "throughput.json")
     )
@@ -313,8 +334,12 @@ def main() -> None:
         "matmul_tflop_s": rate / 1e12,
         "model": f"{args.model} shape, random bf16",
         "tensor_parallel_size": tp,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "workloads": {},
     }
+    # (report key, EngineConfig.kv_cache_dtype) of each pagedserve run
+    runs = {"auto": [("pagedserve", "auto")], "fp8": [("pagedserve", "fp8")],
+            "both": [("pagedserve", "auto"), ("pagedserve_fp8", "fp8")]}[args.kv_cache_dtype]
     with tempfile.TemporaryDirectory() as model_dir:
         config.save_pretrained(model_dir)
         for name, (prompts, outputs) in workloads.items():
@@ -332,15 +357,23 @@ def main() -> None:
                 "output_tokens": total,
                 "floor": {"seconds": floor, "output_tok_s": total / floor},
             }
-            logger.info("%s: pagedserve", name)
-            entry["pagedserve"] = run_pagedserve(
-                model_dir,
-                prompts,
-                outputs,
-                args.max_num_seqs,
-                args.max_num_batched_tokens,
-                tp,
-            )
+            for key, kv_cache_dtype in runs:
+                logger.info("%s: pagedserve, kv_cache_dtype %s", name, kv_cache_dtype)
+                entry[key] = run_pagedserve(
+                    model_dir,
+                    prompts,
+                    outputs,
+                    args.max_num_seqs,
+                    args.max_num_batched_tokens,
+                    tp,
+                    kv_cache_dtype,
+                )
+            if "pagedserve_fp8" in entry:
+                auto, fp8 = entry["pagedserve"], entry["pagedserve_fp8"]
+                entry["fp8_over_auto"] = {
+                    "output_tok_s": fp8["output_tok_s"] / auto["output_tok_s"],
+                    "num_gpu_blocks": fp8["num_gpu_blocks"] / auto["num_gpu_blocks"],
+                }
             report["workloads"][name] = entry
     if not args.skip_hf:
         model = hf_model(config, device)
@@ -371,7 +404,8 @@ def print_table(report: dict) -> None:
     for name, entry in report["workloads"].items():
         floor_rate = entry["floor"]["output_tok_s"]
         ours = entry["pagedserve"]["output_tok_s"]
-        for system in ("floor", "pagedserve", "hf_static", "hf_generate_batch"):
+        for system in ("floor", "pagedserve", "pagedserve_fp8", "hf_static",
+                       "hf_generate_batch"):
             result = entry.get(system)
             if result is None:
                 continue
@@ -382,10 +416,17 @@ def print_table(report: dict) -> None:
             if not rate:
                 print(f"{name:<10}{system:<22}  no output: {result.get('first_error')}"[:100])
                 continue
+            kv = f"  {result['kv_cache_dtype']} KV, {result['num_gpu_blocks']} blocks" \
+                if "kv_cache_dtype" in result else ""
             print(
                 f"{name:<10}{system:<22}{result['seconds']:>9.2f}{rate:>11.0f}"
-                f"{rate / floor_rate:>10.2f}{ours / rate:>14.2f}"
+                f"{rate / floor_rate:>10.2f}{ours / rate:>14.2f}{kv}"
             )
+        ratios = entry.get("fp8_over_auto")
+        if ratios:
+            print(f"{name:<10}fp8 KV / model-dtype KV: {ratios['output_tok_s']:.2f}x output "
+                  f"tok/s, {ratios['num_gpu_blocks']:.2f}x KV blocks (targets >= 1.3x, "
+                  ">= 1.95x)")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     with LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
              tensor_parallel_size=args.tensor_parallel_size,
-             cpu_threads=args.cpu_threads) as llm:
+             kv_cache_dtype=args.kv_cache_dtype, cpu_threads=args.cpu_threads) as llm:
         tokenizer = llm.get_tokenizer()
         chat = not args.prompt and bool(getattr(tokenizer, "chat_template", None))
         prompts = args.prompt or (DEFAULT_QUESTIONS if chat else DEFAULT_PROMPTS)
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0, help="engine seed (reproducible runs)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                     help="auto (the model dtype) or fp8 (e4m3: twice the KV blocks)")
     gen.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                      help="ranks (GPUs) to split the model over; > 1 runs Ray worker actors")
     gen.add_argument("--cpu-threads", type=int, default=None,

@@ -14,6 +14,7 @@ from pagedserve.scheduler.config import (
 from pagedserve.validation import is_finite_number, is_int
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 EXECUTOR_BACKENDS = ("auto", "local", "ray")
@@ -51,6 +52,12 @@ class EngineConfig:
     """Tokens per KV block."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory for weights, activations and KV cache, in (0, 1]."""
+    kv_cache_dtype: str = "auto"
+    """'auto' (K/V stored in the model dtype) or 'fp8' (e4m3 with per-layer scales: half the
+    bytes of bf16, so twice the blocks; needs a torch build with float8 dtypes)."""
+    calculate_kv_scales: bool = False
+    """fp8 KV only: for layers whose checkpoint has no k_scale/v_scale, compute them from the
+    first prefill instead of using 1.0."""
     kv_cache_memory_gib: float | None = None
     """KV pool GiB per rank: the pool on CPU (default 0.25); overrides profiling on GPU."""
     num_gpu_blocks_override: int | None = None
@@ -81,6 +88,10 @@ class EngineConfig:
     memory; measured fastest, see bench/coordinator.py) or 'actor_call' (one task per rank)."""
     step_timeout_s: float = 300.0
     """A rank that takes longer than this for one step is declared failed (> 0 seconds)."""
+    placement_wait_s: float | None = None
+    """Seconds a replica's placement group may wait for its nodes (an autoscaling cluster adds
+    GPU nodes in minutes: say 900); None: refused at once when the cluster lacks the GPUs (or
+    CPUs), else 120 s for them to free up."""
     max_worker_restarts: int = 3
     """Times a served replica replaces its ranks after one dies or hangs (its requests are
     recomputed on the new ones); past that, or at 0, they end UNAVAILABLE."""
@@ -93,6 +104,8 @@ class EngineConfig:
                         "None or a directory path", value)
         check_field(owner, "dtype", self.dtype in DTYPES, f"one of {DTYPES}", self.dtype)
         check_field(owner, "device", self.device in DEVICES, f"one of {DEVICES}", self.device)
+        check_field(owner, "kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES,
+                    f"one of {KV_CACHE_DTYPES}", self.kv_cache_dtype)
         check_field(owner, "load_format", self.load_format in LOAD_FORMATS,
                     f"one of {LOAD_FORMATS}", self.load_format)
         # is_int first: True == 1 and 16.0 == 16 would pass the membership test alone.
@@ -129,7 +142,7 @@ class EngineConfig:
         check_field(owner, "max_model_len", self.max_model_len is None
                     or self.max_model_len >= 2, "None or an integer >= 2", self.max_model_len)
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
-                     "async_scheduling"):
+                     "async_scheduling", "calculate_kv_scales"):
             check_field(owner, name, isinstance(getattr(self, name), bool), "True or False",
                         getattr(self, name))
         check_field(owner, "max_worker_restarts",
@@ -144,6 +157,9 @@ class EngineConfig:
         check_field(owner, "step_dispatch", self.step_dispatch in STEP_DISPATCHES,
                     f"one of {STEP_DISPATCHES}", self.step_dispatch)
         # Finite: Ray converts the timeout to integer milliseconds.
+        check_field(owner, "placement_wait_s", self.placement_wait_s is None or (
+            is_finite_number(self.placement_wait_s) and self.placement_wait_s > 0),
+            "None or a finite number > 0", self.placement_wait_s)
         check_field(owner, "step_timeout_s",
                     is_finite_number(self.step_timeout_s) and self.step_timeout_s > 0,
                     "a finite number > 0", self.step_timeout_s)

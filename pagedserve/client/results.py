@@ -198,6 +198,10 @@ class ModelInfo:
     max_num_seqs: int = 0
     """Also the largest n and beam_width."""
     num_replicas: int = 0
+    kv_cache_dtype: str = ""
+    """The KV cache's element type: the model dtype, or float8_e4m3fn."""
+    kv_cache_capacity_tokens: int = 0
+    """Tokens one replica's KV pool holds (num_kv_blocks x block_size)."""
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:

@@ -67,6 +67,9 @@ STEP_LOG_SIZE = 4096
 GPU_TELEMETRY_TTL_S = 2.0
 """How long one reading of the ranks' GPUs answers gpu_telemetry (several gateways ask)."""
 GPU_TELEMETRY_TIMEOUT_S = 5.0
+UNSUBSCRIBED_GRACE_S = 10.0
+"""How long requests of a subscriber that is not streaming are kept (a gateway's Subscribe
+follows its first AddRequests within milliseconds; one that never comes is a dead gateway)."""
 
 
 @dataclass
@@ -104,7 +107,8 @@ async def _until_end(queue: asyncio.Queue) -> AsyncIterator[Any]:
 class Coordinator:
     """The actor body; start it with `start_coordinator`. See the module docstring."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 unsubscribed_grace_s: float = UNSUBSCRIBED_GRACE_S) -> None:
         if config.model is None:
             raise InvalidArgument("Coordinator needs EngineConfig.model (a checkpoint "
                                   "directory on the cluster's nodes)")
@@ -122,6 +126,8 @@ class Coordinator:
         self._streams: dict[str, _Stream] = {}
         self._subscribers: dict[str, asyncio.Queue] = {}
         self._streaming: set[str] = set()
+        self.unsubscribed_grace_s = unsubscribed_grace_s
+        self._orphan_checks: dict[str, asyncio.TimerHandle] = {}
         self.recent_steps: deque[tuple[float, ...]] = deque(maxlen=STEP_LOG_SIZE)
         """Per recent step: wall seconds, rank 0's seconds, sequences, then the seconds spent
         scheduling, dispatching and waiting, and completing, and the GPU's idle seconds."""
@@ -137,6 +143,7 @@ class Coordinator:
         """The ranks died and the requests wait, requeued, for new ones (see _replace_ranks)."""
         self.num_worker_restarts = 0
         self._server = None
+        self._server_starting = asyncio.Lock()  # one server even when two callers race
         self._health = None
         self.grpc_address: str | None = None
         self.num_steps = 0
@@ -214,11 +221,16 @@ class Coordinator:
                 self._abort(request_id)
             raise
         self._start_loop()
+        if subscriber not in self._streaming and subscriber not in self._orphan_checks:
+            self._orphan_checks[subscriber] = asyncio.get_running_loop().call_later(
+                self.unsubscribed_grace_s, self._drop_if_unsubscribed, subscriber)
 
     async def stream(self, subscriber: str) -> AsyncIterator[list[tuple[str, StreamItem]]]:
         """Per step, the (request id, item) of every request of `subscriber` that changed: its
         updates, a beam search's output, or RequestFailed; an aborted request ends with an
-        update whose finish_reason is 'abort'."""
+        update whose finish_reason is 'abort'. However the stream ends (its gateway closed it,
+        died, or its connection was lost: grpc cancels the call), the subscriber's requests
+        are aborted: nobody is left to receive them."""
         if subscriber in self._streaming:
             raise InvalidArgument(f"subscriber {subscriber!r} is already streaming")
         self._streaming.add(subscriber)
@@ -232,6 +244,22 @@ class Coordinator:
             for request_id, stream in list(self._streams.items()):
                 if stream.subscriber == subscriber:
                     self._abort(request_id)
+
+    def _drop_if_unsubscribed(self, subscriber: str) -> None:
+        """Abort the requests of a subscriber that added them but has not streamed for
+        `unsubscribed_grace_s` (its gateway died between AddRequests and Subscribe, or after
+        its stream ended): their blocks would be held for ever."""
+        self._orphan_checks.pop(subscriber, None)
+        if subscriber in self._streaming:
+            return
+        self._subscribers.pop(subscriber, None)
+        orphans = [request_id for request_id, stream in self._streams.items()
+                   if stream.subscriber == subscriber]
+        if orphans:
+            logger.warning("aborting %d requests of %s, which has not subscribed for %.0f s",
+                           len(orphans), subscriber, self.unsubscribed_grace_s)
+        for request_id in orphans:
+            self._abort(request_id)
 
     def _subscriber_queue(self, subscriber: str) -> asyncio.Queue:
         """A subscriber's batch queue, made by its first submit or stream (either may come
@@ -479,11 +507,15 @@ class Coordinator:
 
     # ---- state, drain, shutdown ---------------------------------------------------------------
 
-    async def serve_grpc(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Start the internal gRPC server (gateways connect to it); returns its address."""
-        if self._server is None:
-            self._server, self.grpc_address, self._health = await start_coordinator_server(
-                self, host, port)
+    async def serve_grpc(self, host: str | None = "127.0.0.1", port: int = 0) -> str:
+        """Start the internal gRPC server (gateways connect to it); returns its address.
+        `host` None: this actor's node address, reachable from the rest of the cluster."""
+        if host is None:
+            host = ensure_ray().util.get_node_ip_address()
+        async with self._server_starting:
+            if self._server is None:
+                self._server, self.grpc_address, self._health = await start_coordinator_server(
+                    self, host, port)
         return self.grpc_address
 
     async def health(self) -> dict[str, Any]:
@@ -536,7 +568,9 @@ class Coordinator:
                 "block_size": core.block_size, "eos_token_ids": list(core.eos_token_ids),
                 "tensor_parallel_size": self.config.tensor_parallel_size,
                 "max_num_seqs": self.config.max_num_seqs,
-                "num_gpu_blocks": core.scheduler.kv.pool.num_blocks}
+                "num_gpu_blocks": core.scheduler.kv.pool.num_blocks,
+                "kv_cache_dtype": core.kv_cache_dtype,
+                "kv_cache_capacity_tokens": core.scheduler.kv.pool.num_blocks * core.block_size}
 
     async def free_blocks(self) -> int:
         """KV blocks not referenced by any request (tests check it returns to its start)."""
@@ -577,20 +611,30 @@ def _start_ranks(config: EngineConfig) -> RayExecutor:
     """The replica's ranks as Ray actors in a placement group of their own."""
     device_type = resolve_device(config.device, use_ray=True)
     return RayExecutor(config, config.model, device_type,
-                       ReplicaPlacement(config.tensor_parallel_size, device_type))
+                       ReplicaPlacement(config.tensor_parallel_size, device_type,
+                                        config.placement_wait_s))
 
 
 def start_coordinator(config: EngineConfig, name: str | None = None,
-                      num_cpus: float = 1.0, max_restarts: int = 0) -> Any:
+                      num_cpus: float = 1.0, max_restarts: int = 0,
+                      unsubscribed_grace_s: float = UNSUBSCRIBED_GRACE_S,
+                      lifetime: str | None = None, namespace: str | None = None) -> Any:
     """A coordinator actor for `config` (Ray started or joined first), ready to take requests;
     Ray starts it again (new ranks, no requests, its gRPC server off until `serve_grpc`) up to
-    `max_restarts` times if its process dies. Stop it with `stop_coordinator`."""
+    `max_restarts` times if its process dies. Requests of a subscriber that does not stream
+    for `unsubscribed_grace_s` are aborted. `lifetime="detached"` (with a `name`, in
+    `namespace`) outlives the process that started it (the fleet role). Stop it with
+    `stop_coordinator`."""
     ray = ensure_ray()
     options: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": 10_000,
                                "max_restarts": max_restarts}
     if name is not None:
         options["name"] = name
-    handle = ray.remote(Coordinator).options(**options).remote(config)
+    if lifetime is not None:
+        options["lifetime"] = lifetime
+    if namespace is not None:
+        options["namespace"] = namespace
+    handle = ray.remote(Coordinator).options(**options).remote(config, unsubscribed_grace_s)
     ray.get(handle.health.remote())  # surfaces a failed start-up (bad config, no GPUs) here
     return handle
 

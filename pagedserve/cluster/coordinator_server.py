@@ -17,6 +17,7 @@ from pagedserve.cluster import wire
 from pagedserve.cluster.grpc_common import (
     SERVER_OPTIONS,
     add_health_and_reflection,
+    add_servicer,
     set_serving,
     status_of,
 )
@@ -46,7 +47,9 @@ def model_info_to_proto(info: dict[str, Any]) -> pb.ModelInfo:
         vocab_size=info["vocab_size"], eos_token_ids=info["eos_token_ids"],
         tensor_parallel_size=info["tensor_parallel_size"], block_size=info["block_size"],
         num_kv_blocks=info["num_gpu_blocks"], dtype=info["dtype"],
-        max_num_seqs=info["max_num_seqs"], num_replicas=1)
+        max_num_seqs=info["max_num_seqs"], num_replicas=1,
+        kv_cache_dtype=info["kv_cache_dtype"],
+        kv_cache_capacity_tokens=info["kv_cache_capacity_tokens"])
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -117,8 +120,8 @@ async def start_coordinator_server(coordinator: Any, host: str,
     """Serve `coordinator` on host:port (0: a port the OS picks); returns the server, the
     address it listens on, and its health servicer."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator),
-                                                           server)
+    add_servicer(coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+                 CoordinatorServicer(coordinator), server)
     health = add_health_and_reflection(server, [SERVICE])
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

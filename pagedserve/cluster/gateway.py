@@ -1,21 +1,22 @@
-"""The gateway: admission and routing in front of the replicas, and the public gRPC API
-(pagedserve.v1.Generation) over them.
+"""The gateway: admission and routing in front of the replicas; the public gRPC API
+(pagedserve.v1.Generation) over them is its base class (`gateway_service`).
 
-`Gateway.submit` is the one entry of every front (this gRPC service, the OpenAI HTTP API): it
+`Gateway.submit` is the one entry of every front (the gRPC service, the OpenAI HTTP API): it
 checks a request against the model's limits (a bad field raises InvalidArgument naming it),
-tokenizes, picks a replica, sends token ids to its coordinator, and returns a `RequestStream`
-of the outputs, which the per-step token ids that come back become: incremental
-detokenization, stop strings (a hit finishes the sequence at the coordinator), deltas then a
-final output. Closing that stream early (a cancelled call, a passed deadline, a client gone)
-aborts the request at its coordinator, which frees its blocks at once. Admission is bounded
-per replica (ResourceExhausted when full, RESOURCE_EXHAUSTED with a `retry-after-ms` hint over
-gRPC); no replica up is Unavailable.
+tokenizes, picks a replica (`router`: the routing policy), sends token ids to its
+coordinator, and returns a `RequestStream` of the outputs, which the per-step token ids that
+come back become: incremental detokenization, stop strings (a hit finishes the sequence at
+the coordinator), deltas then a final output. Closing that stream early (a cancelled call, a
+passed deadline, a client gone) aborts the request at its coordinator, which frees its blocks
+at once. Admission is bounded per replica (ResourceExhausted when full, RESOURCE_EXHAUSTED
+with a `retry-after-ms` hint over gRPC); no replica up is Unavailable. Replicas come and go
+while it serves (`add_replica`; `drain` then `remove_replica`: the autoscaler's scale-down,
+which loses no request).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
@@ -28,22 +29,19 @@ import grpc
 from pagedserve.cluster import wire
 from pagedserve.cluster.failover import continuation
 from pagedserve.cluster.gateway_request import GatewayRequest, ReplicaLost, RequestStream
-from pagedserve.cluster.gateway_status import refresh_gpus, server_status
-from pagedserve.cluster.generation_messages import (
-    check_model,
-    final_response,
-    parse_generate_request,
-)
-from pagedserve.cluster.grpc_common import set_serving, status_of
+from pagedserve.cluster.gateway_service import RETRY_AFTER_MS as RETRY_AFTER_MS  # re-exported
+from pagedserve.cluster.gateway_service import GenerationService
+from pagedserve.cluster.gateway_status import refresh_gpus
+from pagedserve.cluster.grpc_common import set_serving
+from pagedserve.cluster.prompt_tokenizer import PromptTokenizer
 from pagedserve.cluster.replica_client import ReplicaClient
-from pagedserve.engine.core import EngineCoreOutputs, EngineCoreRequest, SequenceUpdate
+from pagedserve.cluster.router import Router, RoutingConfig
+from pagedserve.engine.core import EngineCoreOutputs, EngineCoreRequest
 from pagedserve.engine.limits import ModelLimits
 from pagedserve.engine.output_processor import OutputProcessor
-from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.processor import Processor
 from pagedserve.errors import (
     AlreadyExists,
-    Cancelled,
     InvalidArgument,
     PagedServeError,
     ResourceExhausted,
@@ -51,13 +49,11 @@ from pagedserve.errors import (
 )
 from pagedserve.metrics.gateway_metrics import GatewayMetrics
 from pagedserve.protos.v1 import generation_pb2 as pb
-from pagedserve.protos.v1 import generation_pb2_grpc
 from pagedserve.sampling_params import BeamSearchParams
 
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-RETRY_AFTER_MS = 100
 
 
 class ReplicaError(PagedServeError):
@@ -68,35 +64,39 @@ class ReplicaError(PagedServeError):
         self.grpc_status = status if status in grpc.StatusCode.__members__ else "INTERNAL"
 
 
-class Gateway(generation_pb2_grpc.GenerationServicer):
+class Gateway(GenerationService):
     """Admission and routing over `replicas` (ReplicaClient, started by `start`), and the
     Generation service on top."""
 
     def __init__(self, model_name: str, tokenizer: Any, replica_addresses: list[str],
                  max_queue_per_replica: int = 1024,
-                 resolvers: list[Callable[[], Awaitable[str]]] | None = None) -> None:
+                 resolvers: list[Callable[[], Awaitable[str]]] | None = None,
+                 routing: RoutingConfig | None = None) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.processor = Processor(tokenizer)
+        self.prompts = PromptTokenizer(self.processor)
+        """Tokenizes long prompts off the event loop."""
         self.outputs = OutputProcessor(tokenizer)
         self.max_queue_per_replica = max_queue_per_replica
         self.metrics = GatewayMetrics(model_name, lambda: self.replicas)
         """Prometheus exposition of this gateway and its replicas: `render()` serves GET
         /metrics."""
-        subscriber = f"gateway-{uuid.uuid4().hex[:12]}"
+        self.router = Router(routing)
+        self._subscriber = f"gateway-{uuid.uuid4().hex[:12]}"
+        # Labels are never reused: a replica added after one was removed gets a new series.
+        self._labels = itertools.count()
         resolvers = resolvers or [None] * len(replica_addresses)
-        self.replicas = [ReplicaClient(address, subscriber, self._on_batch, self._on_lost,
-                                       label=str(index), resolve=resolve,
-                                       on_back=self._on_back)
-                         for index, (address, resolve) in enumerate(
-                             zip(replica_addresses, resolvers, strict=True))]
+        self.replicas = [self._client(address, resolve)
+                         for address, resolve in zip(replica_addresses, resolvers, strict=True)]
         self._gpu_refresh: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._owner: dict[str, ReplicaClient] = {}
         self._prompts: dict[str, list[int]] = {}
         self._requests: dict[str, EngineCoreRequest] = {}
         """What was sent for each request in flight (to send it on if its replica fails)."""
-        self._round_robin = itertools.count()
+        self._costs: dict[str, int] = {}
+        """Each request's router.request_cost, counted in its replica's in_flight_tokens."""
         # Aborts sent after a front let go (the loop holds tasks only weakly).
         self._background: set[asyncio.Task] = set()
         self.limits: ModelLimits | None = None
@@ -114,10 +114,61 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self.model_info.CopyFrom(info)
         self.model_info.model = self.model_name
         self.model_info.num_replicas = len(self.replicas)
+        self.router.block_size = info.block_size
         self.limits = ModelLimits(info.vocab_size, info.max_model_len, info.max_num_seqs)
         self._eos_token_ids = frozenset(info.eos_token_ids)
         self.metrics.start(info.max_model_len, info.eos_token_ids)
         self._gpu_refresh = asyncio.get_running_loop().create_task(refresh_gpus(self.replicas))
+
+    def _client(self, address: str, resolve: Callable[[], Awaitable[str]] | None
+                ) -> ReplicaClient:
+        return ReplicaClient(address, self._subscriber, self._on_batch, self._on_lost,
+                             label=str(next(self._labels)), resolve=resolve,
+                             on_back=self._on_back)
+
+    def use_routing(self, config: RoutingConfig) -> None:
+        """Route from now on by `config`, with a fresh view of the replicas' caches."""
+        self.router = Router(config)
+        if self.model_info is not None:
+            self.router.block_size = self.model_info.block_size
+
+    # ---- the replica set --------------------------------------------------------------------
+
+    async def add_replica(self, address: str,
+                          resolve: Callable[[], Awaitable[str]] | None = None) -> ReplicaClient:
+        """Connect to one more coordinator (serving the same model) and route to it."""
+        replica = self._client(address, resolve)
+        await replica.start()
+        self.replicas.append(replica)
+        self.model_info.num_replicas = len(self.replicas)
+        if self.health is not None:
+            await set_serving(self.health, [SERVICE], True)
+        return replica
+
+    async def drain(self, replica: ReplicaClient, timeout_s: float | None = None) -> bool:
+        """Route nothing more to `replica` and wait until its requests in flight finished (or
+        moved: a lost replica's go on elsewhere); False if `timeout_s` passed first."""
+        replica.draining = True
+        if replica.in_flight == 0:
+            replica.drained.set()
+        try:
+            await asyncio.wait_for(replica.drained.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def remove_replica(self, replica: ReplicaClient) -> None:
+        """Stop routing to `replica` and close its connection (drain it first: requests still
+        in flight there would end UNAVAILABLE)."""
+        self.replicas.remove(replica)
+        self.router.forget(replica)
+        if self.model_info is not None:
+            self.model_info.num_replicas = len(self.replicas)
+        await replica.close()
+        lost = ReplicaLost(Unavailable("the replica serving this request was removed; retry"))
+        for request_id, owner in list(self._owner.items()):
+            if owner is replica:
+                self._put(request_id, lost)
 
     async def close(self) -> None:
         if self._gpu_refresh is not None:
@@ -126,6 +177,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         await asyncio.gather(*self._background, return_exceptions=True)
         for replica in self.replicas:
             await replica.close()
+        self.prompts.close()
 
     # ---- from the replicas ------------------------------------------------------------------
 
@@ -153,6 +205,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             queue.put_nowait(item)
 
     def _on_lost(self, replica: ReplicaClient, error: BaseException) -> None:
+        self.router.forget(replica)
         lost = ReplicaLost(Unavailable(f"the replica serving this request failed ({error}); "
                                        "retry"))
         for request_id, owner in list(self._owner.items()):
@@ -162,6 +215,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
             self._in_background(set_serving(self.health, [SERVICE], False))
 
     def _on_back(self, replica: ReplicaClient) -> None:
+        self.router.forget(replica)  # a restarted coordinator starts with an empty cache
         if self.health is not None:
             self._in_background(set_serving(self.health, [SERVICE], True))
 
@@ -170,7 +224,7 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         continuation (`failover.continuation`); False if none can take it or it cannot go
         on unchanged."""
         request = self._requests.get(request_id)
-        targets = [r for r in self.replicas if r.up and r is not lost
+        targets = [r for r in self.replicas if r.up and not r.draining and r is not lost
                    and r.in_flight < self.max_queue_per_replica]
         if request is None or not targets:
             return False
@@ -180,8 +234,10 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         if request is None:
             return False
         target = min(targets, key=lambda r: r.in_flight)
-        lost.in_flight -= 1
+        cost = self._costs.get(request_id, 0)
+        lost.release(cost)
         target.in_flight += 1
+        target.in_flight_tokens += cost
         self._owner[request_id] = target
         logger.warning("request %s moves from lost replica %s to %s", request_id, lost.address,
                        target.address)
@@ -218,57 +274,81 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         if "/" in request_id:
             raise InvalidArgument(f"request_id must not contain '/', got {request_id!r}",
                                   field="request_id")
-        if request_id in self._queues:
+        core_request = await self.prompts.make_request(request_id, request, time.monotonic())
+        if request_id in self._queues:  # checked after the wait for a long prompt's tokens
             raise AlreadyExists(f"request id {request_id!r} is already in flight")
-        core_request = self.processor.make_request(
-            request_id, request.prompt, request.params, priority=request.priority,
-            cache_salt=request.cache_salt, arrival_time=time.monotonic())
         params = core_request.params
         limits = self.limits
         limits.check_prompt(core_request.prompt_token_ids)
         limits.check_params(params)
         limits.check_length(len(core_request.prompt_token_ids), params.max_tokens)
-        replica = self._pick_replica()
+        refused: set[ReplicaClient] = set()
+        while True:
+            replica, cost = self._pick_replica(core_request, refused)
+            queue = self._admit(request, core_request, replica, cost)
+            try:
+                await replica.add([wire.core_request_to_proto(core_request)])
+                break
+            except grpc.aio.AioRpcError as error:
+                self._forget(request_id)
+                # A replica that stopped taking requests (drained by a fleet whose scale-down
+                # this gateway has not seen yet, or rebuilding its ranks) refuses with
+                # UNAVAILABLE: the request goes to another one, if any is left.
+                refused.add(replica)
+                if error.code() is not grpc.StatusCode.UNAVAILABLE or not self._open(refused):
+                    raise ReplicaError(error.code().name, error.details()) from None
+            except BaseException:  # cancelled while sending: the coordinator may have it
+                self._finish(request_id, False)
+                raise
+        return RequestStream(core_request, queue, self._finish)
+
+    def _admit(self, request: GatewayRequest, core_request: EngineCoreRequest,
+               replica: ReplicaClient, cost: int) -> asyncio.Queue:
+        """Record `core_request` as in flight on `replica` (`_forget` undoes it all); its
+        outputs' queue."""
+        request_id = core_request.request_id
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._owner[request_id] = replica
         self._prompts[request_id] = core_request.prompt_token_ids
         self._requests[request_id] = core_request
+        self._costs[request_id] = cost
         replica.in_flight += 1
+        replica.in_flight_tokens += cost
         self.metrics.requests.admitted(request_id, replica.label,
                                        len(core_request.prompt_token_ids),
                                        core_request.arrival_time)
+        params = core_request.params
         if not isinstance(params, BeamSearchParams):
             text = request.prompt if isinstance(request.prompt, str) else None
             self.outputs.add_request(request_id, text, core_request.prompt_token_ids, params,
                                      core_request.arrival_time)
-        try:
-            await replica.add([wire.core_request_to_proto(core_request)])
-        except grpc.aio.AioRpcError as error:
-            self._forget(request_id)
-            raise ReplicaError(error.code().name, error.details()) from None
-        except BaseException:  # cancelled while sending: the coordinator may have it
-            self._finish(request_id, False)
-            raise
-        return RequestStream(core_request, queue, self._finish)
+        return queue
 
-    def _pick_replica(self) -> ReplicaClient:
-        up = [r for r in self.replicas if r.up]
+    def _open(self, refused: set[ReplicaClient] = frozenset()) -> list[ReplicaClient]:
+        """The replicas a new request may go to: up, not draining, not refused it."""
+        return [r for r in self.replicas if r.up and not r.draining and r not in refused]
+
+    def _pick_replica(self, request: EngineCoreRequest,
+                      refused: set[ReplicaClient] = frozenset()) -> tuple[ReplicaClient, int]:
+        """The replica for `request` and the request's cost there (router.Router.pick)."""
+        up = self._open(refused)
         if not up:
             raise Unavailable("no replica is up; retry later")
         open_ones = [r for r in up if r.in_flight < self.max_queue_per_replica]
         if not open_ones:
             raise ResourceExhausted(f"every replica has {self.max_queue_per_replica} requests "
                                     "in flight; retry later")
-        return min(open_ones, key=lambda r: (r.in_flight, next(self._round_robin)))
+        return self.router.pick(open_ones, request)
 
     def _forget(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
         self._prompts.pop(request_id, None)
         self._requests.pop(request_id, None)
         replica = self._owner.pop(request_id, None)
+        cost = self._costs.pop(request_id, 0)
         if replica is not None:
-            replica.in_flight -= 1
+            replica.release(cost)
         self.outputs.abort_request(request_id)
         self.metrics.requests.discard(request_id)
 
@@ -279,127 +359,3 @@ class Gateway(generation_pb2_grpc.GenerationServicer):
         self._forget(request_id)
         if not done and replica is not None and replica.up:
             self._in_background(self._abort_quietly(replica, [request_id]))
-
-    # ---- the gRPC API -----------------------------------------------------------------------
-
-    async def _submit_call(self, request: pb.GenerateRequest, output_kind: str,
-                           context) -> RequestStream:
-        try:
-            return await self.submit(parse_generate_request(request, self.model_name,
-                                                            output_kind))
-        except PagedServeError as error:
-            await _abort_call(context, error)
-
-    async def Generate(self, request, context):
-        async with await self._submit_call(request, "final_only", context) as stream:
-            try:
-                output = await anext(stream)
-            except PagedServeError as error:
-                await _abort_call(context, error)
-            return final_response(stream.core_request, output, with_text=True,
-                                  eos_token_ids=self._eos_token_ids)
-
-    async def GenerateStream(self, request, context):
-        async with await self._submit_call(request, "delta", context) as stream:
-            request_id = stream.request_id
-            prompt_logprobs = None
-            generated = 0
-            try:
-                async for item in stream:
-                    if not isinstance(item, RequestOutput):  # a beam search: one final message
-                        yield pb.GenerateStreamResponse(request_id=request_id, final=final_response(
-                            stream.core_request, item, with_text=True,
-                            eos_token_ids=self._eos_token_ids))
-                        return
-                    prompt_logprobs = prompt_logprobs or item.prompt_logprobs
-                    for completion in item.outputs:
-                        generated += len(completion.token_ids)
-                        if completion.token_ids or completion.text:
-                            yield pb.GenerateStreamResponse(request_id=request_id, delta=pb.Delta(
-                                index=completion.index, token_ids=completion.token_ids,
-                                text=completion.text,
-                                logprobs=[wire.logprob_to_proto(e)
-                                          for e in completion.logprobs or ()]))
-                    if item.finished:
-                        final = dataclasses.replace(item, prompt_logprobs=prompt_logprobs)
-                        response = final_response(stream.core_request, final, with_text=False)
-                        response.usage.completion_tokens = generated
-                        yield pb.GenerateStreamResponse(request_id=request_id, final=response)
-            except PagedServeError as error:
-                await _abort_call(context, error)
-
-    async def Abort(self, request, context):
-        """End requests of this gateway: their calls finish with finish_reason 'abort'."""
-        aborted = []
-        for request_id in request.request_ids:
-            replica = self._owner.get(request_id)
-            if replica is None:
-                continue
-            aborted.append(request_id)
-            await self._abort_quietly(replica, [request_id])
-            try:
-                count = len(self.outputs.sequence_ids(request_id))
-            except KeyError:  # beam search: no per-sequence state here
-                self._put(request_id,
-                          ReplicaLost(Cancelled(f"request {request_id!r} was aborted")))
-                continue
-            for output in self.outputs.fail([SequenceUpdate(request_id, index,
-                                                            finish_reason="abort")
-                                             for index in range(count)]):
-                self._put(request_id, output)
-        return pb.AbortResponse(aborted_request_ids=aborted)
-
-    async def Tokenize(self, request, context):
-        try:
-            check_model(request.model, self.model_name)
-            return pb.TokenizeResponse(token_ids=self.processor.encode(request.text))
-        except PagedServeError as error:
-            await _abort_call(context, error)
-
-    async def Detokenize(self, request, context):
-        try:
-            check_model(request.model, self.model_name)
-            if self.tokenizer is None:
-                raise InvalidArgument("this model has no tokenizer")
-            skip = request.skip_special_tokens if request.HasField("skip_special_tokens") \
-                else True
-            bad = [t for t in request.token_ids if t >= self.limits.vocab_size]
-            if bad:
-                raise InvalidArgument(f"token_ids must be in [0, {self.limits.vocab_size}), "
-                                      f"got {bad[:5]}")
-            return pb.DetokenizeResponse(text=self.tokenizer.decode(
-                list(request.token_ids), skip_special_tokens=skip))
-        except PagedServeError as error:
-            await _abort_call(context, error)
-
-    async def GetModelInfo(self, request, context):
-        try:
-            check_model(request.model, self.model_name)
-        except PagedServeError as error:
-            await _abort_call(context, error)
-        return self.model_info
-
-    async def GetServerLoad(self, request, context):
-        total = pb.ServerLoad(gateway_queue_limit=self.max_queue_per_replica
-                              * len(self.replicas))
-        for replica in self.replicas:
-            total.gateway_in_flight += replica.in_flight
-            if not replica.up:
-                continue
-            total.num_replicas_up += 1
-            load = await replica.load()
-            for name in ("num_running", "num_waiting", "num_swapped", "num_requests",
-                         "kv_blocks_used", "kv_blocks_total", "num_preemptions_total"):
-                setattr(total, name, getattr(total, name) + getattr(load, name))
-        if total.kv_blocks_total:
-            total.kv_cache_usage = total.kv_blocks_used / total.kv_blocks_total
-        return total
-
-    async def GetServerStatus(self, request, context):
-        return await server_status(self)
-
-
-async def _abort_call(context, error: BaseException) -> None:
-    if isinstance(error, ResourceExhausted):
-        context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
-    await context.abort(status_of(error), str(error))

@@ -40,13 +40,14 @@ async def server_status(gateway: Any) -> pb.ServerStatus:
     status = pb.ServerStatus(model=gateway.model_name,
                              load=pb.ServerLoad(gateway_queue_limit=limit * len(replicas)))
     total = status.load
-    for index, replica in enumerate(replicas):
+    for replica in replicas:
         load = pb.ServerLoad(gateway_in_flight=replica.in_flight, gateway_queue_limit=limit)
         if replica in loads:
             load.MergeFrom(loads[replica])
             load.num_replicas_up = 1
-        status.replicas.append(pb.ReplicaStatus(index=index, address=replica.address,
-                                                up=replica.up, load=load, gpus=replica.gpus))
+        status.replicas.append(pb.ReplicaStatus(index=int(replica.label),
+                                                address=replica.address, up=replica.up,
+                                                load=load, gpus=replica.gpus))
         total.gateway_in_flight += replica.in_flight
         total.num_replicas_up += load.num_replicas_up
         for name in SUMMED_LOAD_FIELDS:

@@ -1,9 +1,14 @@
 """What both gRPC servers (gateway and coordinator) share: status mapping, health, reflection,
-channel and server options."""
+channel and server options, and servicers whose requests are parsed before their handlers."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -57,3 +62,81 @@ async def set_serving(health: health_aio.HealthServicer, service_names: list[str
         else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *service_names):
         await health.set(name, status)
+
+
+def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any,
+                 server: grpc.aio.Server) -> None:
+    """`add_to_server(servicer, server)` (a generated `add_*Servicer_to_server`), with each
+    request parsed before its handler runs: bytes that do not parse are INVALID_ARGUMENT
+    naming the message (grpc itself answers UNKNOWN, as if the handler had failed)."""
+    add_to_server(servicer, _ParsingServer(server))
+
+
+class _ParsingServer:
+    """What generated code calls on a server; passes the handlers on with `_parsing`."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_ParsingGenericHandler(h)
+                                                    for h in handlers))
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _parsing(handler) for name, handler in handlers.items()})
+
+
+class _ParsingGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        """Per method of the service (never per unknown name a client sends)."""
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = _parsing(handler)
+        return wrapped
+
+
+def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with raw bytes in (no deserializer) and the parse done first by its
+    behaviour, which aborts with INVALID_ARGUMENT when the parse fails. Unary requests only
+    (every pagedserve RPC); streaming requests are left as they are."""
+    parse = handler.request_deserializer
+    if parse is None or handler.request_streaming:
+        return handler
+    message_type = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    name = message_type.full_name if message_type is not None else "the request message"
+
+    async def parsed(raw: bytes, context):
+        try:
+            return parse(raw)
+        except (DecodeError, ValueError, TypeError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request does not parse as {name}: {error}")
+
+    if handler.unary_stream is not None:
+        behaviour = handler.unary_stream
+        if not inspect.isasyncgenfunction(behaviour):
+            return handler
+
+        async def unary_stream(raw: bytes, context):
+            async for response in behaviour(await parsed(raw, context), context):
+                yield response
+
+        return handler._replace(request_deserializer=None, unary_stream=unary_stream)
+    behaviour = handler.unary_unary
+    if not inspect.iscoroutinefunction(behaviour):
+        return handler
+
+    async def unary_unary(raw: bytes, context):
+        return await behaviour(await parsed(raw, context), context)
+
+    return handler._replace(request_deserializer=None, unary_unary=unary_unary)

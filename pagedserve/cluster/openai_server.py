@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from pagedserve.cluster.auth import BearerTokens
 from pagedserve.cluster.gateway import RETRY_AFTER_MS, Gateway
 from pagedserve.cluster.gateway_request import RequestStream
+from pagedserve.cluster.grpc_common import MAX_MESSAGE_BYTES
 from pagedserve.cluster.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,6 +37,7 @@ from pagedserve.cluster.openai_protocol import (
 )
 from pagedserve.cluster.openai_serving import OpenAIServing, error_object
 from pagedserve.errors import PagedServeError
+from pagedserve.validation import check_field, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,46 @@ class BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is 413 with an OpenAI error object,
+    refused by its Content-Length before anything is read, or once the chunks read so far
+    pass the limit (a chunked body), so no body larger than the limit is held in memory."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _refusal(self) -> JSONResponse:
+        return error_response(self._refusal_message(), 413)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refusal()(scope, receive, send)
+            return
+        received = 0
+
+        async def counted_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the route's body read: FastAPI passes an HTTPException
+                    # on, and the app's handler makes it an error object.
+                    raise HTTPException(413, self._refusal_message())
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+    def _refusal_message(self) -> str:
+        return (f"the request body is over {self.max_bytes} bytes (the server's "
+                "max_body_bytes); send a shorter prompt")
 
 
 def _close(streams: list[RequestStream]) -> None:
@@ -166,19 +208,24 @@ async def _unless_client_leaves(request: Request, work) -> dict | None:
     return task.result() if task in done else None
 
 
-def build_app(gateway: Gateway, tokens: list[str]) -> FastAPI:
+def build_app(gateway: Gateway, tokens: list[str],
+              max_body_bytes: int = MAX_MESSAGE_BYTES) -> FastAPI:
+    """The app; a body over `max_body_bytes` is 413 (by default gRPC's message limit)."""
+    check_field("build_app", "max_body_bytes", is_int(max_body_bytes) and max_body_bytes >= 1,
+                "an integer >= 1", max_body_bytes)
     serving = OpenAIServing(gateway)
     app = FastAPI(title="pagedserve", summary="OpenAI-compatible API of a pagedserve gateway")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # inside the auth check
     if tokens:
         app.add_middleware(BearerAuth, tokens=BearerTokens(tokens))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = error.errors()
-        fields = [_field_of(problem) for problem in problems]
-        message = "; ".join(f"{field}: {problem['msg']}" if field else problem["msg"]
-                            for field, problem in zip(fields, problems, strict=True))
-        param = next((field.split(".")[0] for field in fields if field), None)
+        locations = [_location_of(problem) for problem in problems]
+        message = "; ".join(f"{'.'.join(parts)}: {problem['msg']}" if parts else problem["msg"]
+                            for parts, problem in zip(locations, problems, strict=True))
+        param = next((parts[0] for parts in locations if parts), None)
         return error_response(f"invalid request: {message}", 400, param)
 
     @app.exception_handler(HTTPException)
@@ -242,15 +289,17 @@ def build_app(gateway: Gateway, tokens: list[str]) -> FastAPI:
 _UNION_MEMBER_TAGS = ("str", "int", "float", "bool")
 
 
-def _field_of(problem: dict) -> str:
-    """The field a validation problem is about, as 'messages.0.content': pydantic's location
-    without FastAPI's leading 'body' and the union members it tried ('prompt.list[int].1' ->
-    'prompt.1'); empty for a body that is not JSON at all."""
-    if problem["type"] == "json_invalid":
-        return ""
-    parts = [str(part) for part in problem["loc"][1:]]
-    return ".".join(part for part in parts
-                    if "[" not in part and part not in _UNION_MEMBER_TAGS)
+def _location_of(problem: dict) -> list[str]:
+    """Where a validation problem is, as ['messages', '0', 'content']: pydantic's location
+    without FastAPI's leading 'body' and the union members it tried below the field
+    ('prompt.list[int].1' -> prompt, 1); the field itself is kept as sent, whatever its
+    name (an unknown field may be called 'str' or 'a.b'). Empty for a body that is not
+    JSON at all."""
+    if problem["type"] == "json_invalid" or len(problem["loc"]) < 2:
+        return []
+    field, *below = (str(part) for part in problem["loc"][1:])
+    return [field, *(part for part in below
+                     if "[" not in part and part not in _UNION_MEMBER_TAGS)]
 
 
 class OpenAIHttpServer:
@@ -259,11 +308,12 @@ class OpenAIHttpServer:
 
     def __init__(self, gateway: Gateway, tokens: list[str], host: str, port: int,
                  tls_cert: str | None = None, tls_key: str | None = None,
-                 tls_client_ca: str | None = None) -> None:
+                 tls_client_ca: str | None = None,
+                 max_body_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.host = host
         self.port = port
         self.config = uvicorn.Config(
-            build_app(gateway, tokens), lifespan="off", ws="none", log_config=None,
+            build_app(gateway, tokens, max_body_bytes), lifespan="off", ws="none", log_config=None,
             log_level="warning", access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
             ssl_ca_certs=tls_client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE)

@@ -142,7 +142,9 @@ class OpenAIServing:
         output_kind = "delta" if body.stream else "final_only"
         params = body.sampling_params(output_kind)
         if isinstance(body, ChatCompletionRequest):
-            prompts: list[str | list[int]] = [self._chat_prompt(body)]
+            # Off the loop: a template over long messages takes as long as their tokens.
+            prompts: list[str | list[int]] = [await self.gateway.prompts.run(
+                self._chat_prompt, body)]
         else:
             prompts = body.prompts()
         streams: list[RequestStream] = []

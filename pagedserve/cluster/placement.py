@@ -1,7 +1,10 @@
 """Ray start-up and the placement of one replica's tensor-parallel ranks.
 
 A replica's ranks share one node (STRICT_PACK: their all-reduces need NVLink-class links); each
-rank is one bundle (a GPU and a CPU on GPU nodes, a CPU otherwise). `executor_for` builds the
+rank is one bundle (a GPU and a CPU on GPU nodes, a CPU otherwise). Replicas spread across
+nodes: a new replica's group is asked, softly, for the node holding the fewest replica groups
+(`spread_target`); Ray puts it elsewhere when that node is full, and leaves it pending (which
+makes the Ray autoscaler add a node) when no node can take it. `executor_for` builds the
 executor a configuration asks for: one rank in this process, or Ray actors in a new placement
 group.
 """
@@ -9,6 +12,9 @@ group.
 from __future__ import annotations
 
 import logging
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pagedserve.config import EngineConfig
@@ -17,6 +23,8 @@ from pagedserve.errors import InvalidArgument, ResourceExhausted
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0
+REPLICA_GROUP_PREFIX = "pagedserve-replica-"
+"""Name prefix of replica placement groups: how `spread_target` counts them per node."""
 
 
 def ensure_ray(num_cpus: int | None = None) -> Any:
@@ -55,23 +63,62 @@ def uses_ray(config: EngineConfig) -> bool:
     return backend == "ray" or (backend == "auto" and config.tensor_parallel_size > 1)
 
 
-class ReplicaPlacement:
-    """A STRICT_PACK placement group with one bundle per rank, ready when constructed."""
+def spread_target(node_capacity: Mapping[str, float], group_nodes: Iterable[str],
+                  size: int) -> str | None:
+    """The node for a new replica of `size` ranks: among the nodes with at least `size` of the
+    rank resource in all (`node_capacity`: node id -> that total), the one holding the fewest
+    replica groups (`group_nodes`: the node of each existing group), ties to the smallest id;
+    None when no node is big enough (the group then waits for one: the Ray autoscaler's
+    cue)."""
+    groups = Counter(group_nodes)
+    fitting = sorted(node for node, total in node_capacity.items() if total >= size)
+    if not fitting:
+        return None
+    return min(fitting, key=lambda node: groups[node])
 
-    def __init__(self, size: int, device_type: str,
-                 timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+
+def _replica_group_nodes(ray: Any) -> list[str]:
+    """The node of every placed replica group in the cluster (any server's)."""
+    nodes = []
+    for group in ray.util.placement_group_table().values():
+        if group.get("name", "").startswith(REPLICA_GROUP_PREFIX) \
+                and group.get("state") == "CREATED" and group.get("bundles_to_node_id"):
+            nodes.append(group["bundles_to_node_id"][0])
+    return nodes
+
+
+class ReplicaPlacement:
+    """A STRICT_PACK placement group with one bundle per rank, ready when constructed.
+
+    `wait_s` None: a cluster with fewer of the rank resource than `size` in all is refused at
+    once (nothing will add nodes), else the group waits PLACEMENT_TIMEOUT_S for them to free
+    up. A number: the group waits that long whatever the cluster has now, for the Ray
+    autoscaler (which the pending group asks for a node)."""
+
+    def __init__(self, size: int, device_type: str, wait_s: float | None = None) -> None:
         ray = ensure_ray()
         from ray.util.placement_group import placement_group
 
         self._ray = ray
         resource = "GPU" if device_type == "cuda" else "CPU"
         available = ray.cluster_resources().get(resource, 0)
-        if available < size:
+        if available < size and wait_s is None:
             raise InvalidArgument(
                 f"EngineConfig.tensor_parallel_size={size} needs {size} {resource}s in the Ray "
-                f"cluster, which has {available:g}; lower tensor_parallel_size or add nodes")
+                f"cluster, which has {available:g}; lower tensor_parallel_size, add nodes, or "
+                "set placement_wait_s (--placement-wait-s) where an autoscaler adds them")
+        timeout_s = PLACEMENT_TIMEOUT_S if wait_s is None else wait_s
+        if available < size:
+            logger.warning("the Ray cluster has %g %ss, a replica needs %d on one node: waiting "
+                           "up to %.0f s for the autoscaler to add one", available, resource,
+                           size, timeout_s)
         bundle = {"GPU": 1, "CPU": 1} if device_type == "cuda" else {"CPU": 1}
-        self.group = placement_group([bundle] * size, strategy="STRICT_PACK")
+        capacity = {node["NodeID"]: node["Resources"].get(resource, 0)
+                    for node in ray.nodes() if node["Alive"]}
+        target = spread_target(capacity, _replica_group_nodes(ray), size)
+        self.group = placement_group([bundle] * size, strategy="STRICT_PACK",
+                                     name=f"{REPLICA_GROUP_PREFIX}{uuid.uuid4().hex[:12]}",
+                                     _soft_target_node_id=target)
         ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
         if not ready:
             self.release()
@@ -102,5 +149,6 @@ def executor_for(config: EngineConfig, model_dir: str):
         return LocalExecutor(config, model_dir, device_type)
     from pagedserve.executor.ray import RayExecutor
 
-    placement = ReplicaPlacement(config.tensor_parallel_size, device_type)
+    placement = ReplicaPlacement(config.tensor_parallel_size, device_type,
+                                 config.placement_wait_s)
     return RayExecutor(config, model_dir, device_type, placement)

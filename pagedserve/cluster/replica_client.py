@@ -51,6 +51,13 @@ class ReplicaClient:
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.up = False
         self.in_flight = 0
+        """Requests the gateway has sent here that have not finished."""
+        self.in_flight_tokens = 0
+        """Their prompt tokens plus what they may still generate (router.request_cost)."""
+        self.draining = False
+        """Set by Gateway.drain: no new request comes here; the ones in flight finish."""
+        self.drained = asyncio.Event()
+        """Set once a draining replica has no request in flight."""
         self.model_info: pb.ModelInfo | None = None
         self.stats: cpb.EngineSnapshot | None = None
         """The engine snapshot of the latest batch (or of start-up)."""
@@ -129,6 +136,13 @@ class ReplicaClient:
                 continue
             return True
         return False
+
+    def release(self, tokens: int) -> None:
+        """One request (of `tokens`, its request_cost) left this replica."""
+        self.in_flight -= 1
+        self.in_flight_tokens -= tokens
+        if self.draining and self.in_flight == 0:
+            self.drained.set()
 
     async def add(self, requests: list[cpb.CoreRequest], timeout_s: float = 30.0) -> None:
         await self.stub.AddRequests(cpb.AddRequestsRequest(subscriber=self.subscriber,

@@ -174,6 +174,7 @@ class EngineCore:
         info = executor.collective("describe")[0]
         self.vocab_size: int = info["vocab_size"]
         self.dtype: str = info["dtype"]
+        self.kv_cache_dtype: str = info["kv_cache_dtype"]
         self.device: str = info["device"]
         self.eos_token_ids: list[int] = list(info["eos_token_ids"])
         block_bytes = info["block_bytes"]
@@ -217,10 +218,11 @@ class EngineCore:
             CacheConfig(block_size=config.block_size, num_gpu_blocks=num_blocks,
                         num_cpu_blocks=num_cpu_blocks,
                         enable_prefix_caching=config.enable_prefix_caching))
-        logger.info("engine core ready: %s x%d (%s), %d KV blocks of %d tokens (%.2f GiB per "
-                    "rank), %d CPU swap blocks, max_model_len %d", self.device,
+        logger.info("engine core ready: %s x%d (%s), %d KV blocks of %d tokens (%s, %.2f GiB "
+                    "per rank), %d CPU swap blocks, max_model_len %d", self.device,
                     config.tensor_parallel_size, self.dtype, num_blocks, config.block_size,
-                    num_blocks * block_bytes / GIB, num_cpu_blocks, max_model_len)
+                    self.kv_cache_dtype, num_blocks * block_bytes / GIB, num_cpu_blocks,
+                    max_model_len)
         self._tracked: dict[str, _Tracked] = {}
         self._beams: dict[str, BeamSearchDriver] = {}
         self._pending: list[SequenceUpdate] = []

@@ -127,4 +127,6 @@ class LLMEngine:
     def model_info(self) -> dict[str, Any]:
         core = self.core
         return {"max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
-                "dtype": core.dtype, "device": core.device, "block_size": core.block_size}
+                "dtype": core.dtype, "device": core.device, "block_size": core.block_size,
+                "kv_cache_dtype": core.kv_cache_dtype,
+                "kv_cache_capacity_tokens": core.num_gpu_blocks * core.block_size}

@@ -5,6 +5,9 @@ these ops only need each block (everything after the first dimension) to be one 
 so a per-layer view of a larger allocation works. ``block_mapping`` is int64 ``[n, 2]`` of
 ``(src_block, dst_block)`` pairs. Destination blocks must be distinct and must not also appear
 as sources in the same call (the pairs run in parallel).
+
+Every op moves bits, never values: fp8 caches are handled as bytes (torch has no fp8
+``index_copy_``), so copy-on-write and swapping leave quantized K/V byte-for-byte unchanged.
 """
 
 from __future__ import annotations
@@ -66,13 +69,19 @@ def _check_layer_caches(key_caches: list[torch.Tensor], value_caches: list[torch
         _check_blocks_contiguous(name, cache)
 
 
+def _as_bits(caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Float8 caches as uint8 views of the same memory (other dtypes unchanged)."""
+    return [cache.view(torch.uint8) if cache.dtype.is_floating_point and cache.element_size() == 1
+            else cache for cache in caches]
+
+
 def copy_blocks_reference(
     key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
 ) -> None:
     """Pure-torch ``copy_blocks``: ``cache[dst] = cache[src]`` for every layer's K and V."""
     _check_layer_caches(key_caches, value_caches)
     _check_block_mapping(block_mapping)
-    for cache in [*key_caches, *value_caches]:
+    for cache in _as_bits([*key_caches, *value_caches]):
         mapping = block_mapping.to(cache.device).long()
         cache[mapping[:, 1]] = cache[mapping[:, 0]]
 
@@ -188,7 +197,7 @@ def swap_blocks_reference(
 ) -> None:
     """Pure-torch ``swap_blocks``: one block of one tensor at a time."""
     _check_swap_args(src_caches, dst_caches, block_mapping)
-    for src_cache, dst_cache in zip(src_caches, dst_caches, strict=True):
+    for src_cache, dst_cache in zip(_as_bits(src_caches), _as_bits(dst_caches), strict=True):
         for src, dst in block_mapping.tolist():
             dst_cache[dst].copy_(src_cache[src])
 
@@ -212,6 +221,7 @@ def swap_blocks(
     _check_swap_args(src_caches, dst_caches, block_mapping)
     if block_mapping.shape[0] == 0 or not src_caches:
         return
+    src_caches, dst_caches = _as_bits(src_caches), _as_bits(dst_caches)
     src_device, dst_device = src_caches[0].device, dst_caches[0].device
     if src_device == dst_device:
         src_ids = block_mapping[:, 0].to(src_device, torch.int64)

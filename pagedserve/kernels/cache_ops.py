@@ -14,6 +14,10 @@ needs whole blocks contiguous, see ``block_ops``).
 
 A *slot* is ``block_id * block_size + offset_in_block``; slot ``-1`` marks a padding token whose
 key and value are not stored.
+
+FP8 caches (``torch.float8_e4m3fn``, see ``kv_quant``): the write divides by the layer's
+``k_scale``/``v_scale``, saturates to +-448 and rounds to e4m3, in registers; the caches hold a
+byte per element, so the same store pattern moves half the bytes of bf16.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from __future__ import annotations
 import torch
 
 from pagedserve.kernels.checks import HAS_TRITON, check_same_device, require_triton
+from pagedserve.kernels.kv_quant import (
+    FP8_E4M3_MAX,
+    check_kv_scales,
+    is_fp8_cache,
+    quantize_kv,
+)
 
 if HAS_TRITON:  # optional (see checks.py): without it only the torch code here is defined
     import triton
@@ -29,7 +39,8 @@ if HAS_TRITON:  # optional (see checks.py): without it only the torch code here 
 __all__ = ["write_kv", "write_kv_reference"]
 
 
-def _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping) -> None:
+def _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping, k_scale,
+                            v_scale) -> None:
     if key.dim() != 3 or value.dim() != 3:
         raise ValueError(
             f"key and value must be [num_tokens, num_kv_heads, head_dim], got {tuple(key.shape)} "
@@ -53,11 +64,21 @@ def _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping) ->
         )
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
-    dtypes = {key.dtype, value.dtype, key_cache.dtype, value_cache.dtype}
-    if len(dtypes) != 1:
-        raise TypeError(
-            f"key, value and the caches must share one dtype, got {sorted(map(str, dtypes))}"
-        )
+    if is_fp8_cache(key_cache) and value_cache.dtype == key_cache.dtype:
+        if key.dtype != value.dtype or key.dtype not in (
+            torch.float16, torch.bfloat16, torch.float32
+        ):
+            raise TypeError(
+                "an fp8 cache stores float16, bfloat16 or float32 keys and values of one dtype, "
+                f"got {key.dtype} and {value.dtype}"
+            )
+        check_kv_scales(key_cache, k_scale, v_scale)
+    else:
+        dtypes = {key.dtype, value.dtype, key_cache.dtype, value_cache.dtype}
+        if len(dtypes) != 1:
+            raise TypeError(
+                f"key, value and the caches must share one dtype, got {sorted(map(str, dtypes))}"
+            )
     check_same_device((key, value, key_cache, value_cache, slot_mapping))
 
 
@@ -67,19 +88,35 @@ def write_kv_reference(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Pure-torch ``write_kv``: scatter each token's K/V into its slot, skipping slot -1."""
-    _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping)
+    """Pure-torch ``write_kv``: scatter each token's K/V into its slot, skipping slot -1
+    (quantized with the scales for an fp8 cache)."""
+    _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     num_blocks, block_size = key_cache.shape[:2]
     slots = slot_mapping.long()
     keep = slots >= 0
     slots = slots[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    key_cache[blocks, offsets] = key[keep]
-    value_cache[blocks, offsets] = value[keep]
+    key, value = key[keep], value[keep]
+    if is_fp8_cache(key_cache):
+        key, value = quantize_kv(key, k_scale), quantize_kv(value, v_scale)
+    key_cache[blocks, offsets] = key
+    value_cache[blocks, offsets] = value
 
 
 if HAS_TRITON:
+    _FP8_MAX: tl.constexpr = tl.constexpr(FP8_E4M3_MAX)
+
+    @triton.jit
+    def _quantize(x, scale):
+        """``x / scale`` saturated to e4m3's range and rounded to e4m3 (``kv_quant``'s contract:
+        IEEE division, and NaN kept NaN, so the bytes equal the torch reference's)."""
+        scaled = tl.math.div_rn(x.to(tl.float32), scale)
+        scaled = tl.maximum(scaled, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        scaled = tl.minimum(scaled, _FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        return scaled.to(tl.float8e4nv)
 
     @triton.jit
     def _write_kv_kernel(
@@ -88,6 +125,8 @@ if HAS_TRITON:
         key_cache_ptr,
         value_cache_ptr,
         slot_mapping_ptr,
+        k_scale_ptr,  # float32 [1] (fp8 caches only)
+        v_scale_ptr,
         stride_key_token,
         stride_key_head,
         stride_key_dim,
@@ -105,6 +144,7 @@ if HAS_TRITON:
         head_dim,
         BLOCK_SIZE: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr,
+        QUANTIZE: tl.constexpr,
     ):
         # One program stores one (token, kv head) row of keys and of values.
         token = tl.program_id(0).to(tl.int64)
@@ -121,13 +161,15 @@ if HAS_TRITON:
             key_ptr + token * stride_key_token + head * stride_key_head + dims * stride_key_dim,
             mask=in_dim,
         )
+        if QUANTIZE:
+            key = _quantize(key, tl.load(k_scale_ptr))
         tl.store(
             key_cache_ptr
             + block * stride_key_cache_block
             + offset * stride_key_cache_offset
             + head * stride_key_cache_head
             + dims * stride_key_cache_dim,
-            key,
+            key.to(key_cache_ptr.dtype.element_ty),
             mask=in_dim,
         )
         value = tl.load(
@@ -137,13 +179,15 @@ if HAS_TRITON:
             + dims * stride_value_dim,
             mask=in_dim,
         )
+        if QUANTIZE:
+            value = _quantize(value, tl.load(v_scale_ptr))
         tl.store(
             value_cache_ptr
             + block * stride_value_cache_block
             + offset * stride_value_cache_offset
             + head * stride_value_cache_head
             + dims * stride_value_cache_dim,
-            value,
+            value.to(value_cache_ptr.dtype.element_ty),
             mask=in_dim,
         )
 
@@ -154,25 +198,31 @@ def write_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Store ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots.
 
     ``key`` and ``value`` may be strided views (e.g. slices of a fused qkv projection).
     ``slot_mapping`` (int64 ``[num_tokens]``) holds ``block_id * block_size + offset``; ``-1``
-    skips the token. Slots must be distinct (two tokens writing one slot is a race). No host
-    synchronisation, so it can be captured in a CUDA graph.
+    skips the token. Slots must be distinct (two tokens writing one slot is a race). For fp8
+    caches ``k_scale``/``v_scale`` (float32, one element, on the device) are required; other
+    caches ignore them. No host synchronisation, so it can be captured in a CUDA graph.
     """
     require_triton("write_kv")
-    _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping)
+    _validate_write_kv_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
+    quantize = is_fp8_cache(key_cache)
     _write_kv_kernel[(num_tokens, num_kv_heads)](
         key,
         value,
         key_cache,
         value_cache,
         slot_mapping,
+        k_scale if quantize else slot_mapping,
+        v_scale if quantize else slot_mapping,
         *key.stride(),
         *value.stride(),
         *key_cache.stride(),
@@ -180,4 +230,5 @@ def write_kv(
         head_dim,
         BLOCK_SIZE=key_cache.shape[1],
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        QUANTIZE=quantize,
     )

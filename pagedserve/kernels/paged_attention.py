@@ -14,6 +14,12 @@ Batch description (one launch covers prefill, chunked prefill, prefix-cache hits
 - ``block_tables[i, b]``: physical block holding positions ``b*block_size .. (b+1)*block_size-1``.
 Query rows that belong to no sequence (padding past ``query_start_loc[-1]``) are not written.
 
+FP8 caches (``torch.float8_e4m3fn``, see ``kv_quant``) hold ``x / scale`` per layer; every entry
+point then takes ``k_scale``/``v_scale`` (float32 one-element tensors; other caches ignore them).
+The kernel converts each fp8 tile to the query dtype in registers (exact: e4m3 fits in fp16 and
+bf16) and folds the scales in where they cost one multiply: ``k_scale`` into the softmax scale,
+``v_scale`` into the final normalisation. So decode reads one byte per K/V element.
+
 Kernel design. One program handles one (sequence, tile of BLOCK_Q query tokens, KV head[,
 KV split]). The ``group = num_q_heads // num_kv_heads`` query heads that share a KV head are
 packed into the rows of the same tile (row = token * GROUP_PAD + head), so each K/V tile is
@@ -30,7 +36,9 @@ on two streams. All index math on positions and block ids is int64. Grid sizes c
 integers only, so decode launches can be captured in a CUDA graph.
 
 CPU. ``paged_attention_reference`` is the oracle the kernels are tested against: one masked SDPA
-per sequence, obviously correct and slow. ``paged_attention_cpu`` is what the model runs on CPU:
+per sequence, obviously correct and slow. ``paged_attention_cpu`` is what the model runs on CPU
+for prefill and mixed steps (pure decode steps that continue the previous one use the layer's
+contiguous copy, ``workers/layers/cpu_attention.py``):
 a host-side plan made once per step (``plan_cpu_attention``, shared by the layers) groups the
 sequences of similar sizes; per layer and group, one ``index_select`` gathers the keys (and one
 the values) by slot into padded ``[seqs, kv_heads, keys, head_dim]`` tensors, and one masked
@@ -46,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.kernels.checks import HAS_TRITON, check_same_device, require_triton
+from pagedserve.kernels.kv_quant import check_kv_scales, dequantize_kv, is_fp8_cache
 
 if HAS_TRITON:  # optional (see checks.py): without it only the torch code here is defined
     import triton
@@ -82,6 +91,8 @@ def _validate_args(
     max_seq_len,
     out,
     sliding_window,
+    k_scale=None,
+    v_scale=None,
 ) -> None:
     if query.dim() != 3:
         raise ValueError(
@@ -107,10 +118,14 @@ def _validate_args(
         )
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"query dtype must be float16, bfloat16 or float32, got {query.dtype}")
-    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+    if value_cache.dtype != key_cache.dtype or not (
+        key_cache.dtype == query.dtype or is_fp8_cache(key_cache)
+    ):
         raise TypeError(
-            f"cache dtypes ({key_cache.dtype}, {value_cache.dtype}) must match query {query.dtype}"
+            f"cache dtypes ({key_cache.dtype}, {value_cache.dtype}) must both match query "
+            f"{query.dtype} or both be float8_e4m3fn"
         )
+    check_kv_scales(key_cache, k_scale, v_scale)
     if block_tables.dim() != 2 or block_tables.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             "block_tables must be int32 (or int64) [num_seqs, max_blocks_per_seq], got "
@@ -169,11 +184,14 @@ def paged_attention_reference(
     max_seq_len: int,
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch paged attention, same contract as :func:`paged_attention`.
 
     Loops over sequences (it reads the lengths on the host), gathers each sequence's blocks and
-    runs fp32 SDPA with an explicit causal (and sliding-window) mask.
+    runs fp32 SDPA with an explicit causal (and sliding-window) mask; fp8 blocks are
+    dequantized to fp32 first.
     """
     _validate_args(
         query,
@@ -186,10 +204,13 @@ def paged_attention_reference(
         max_seq_len,
         out,
         sliding_window,
+        k_scale,
+        v_scale,
     )
     if out is None:
         out = torch.empty_like(query)
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    fp8 = is_fp8_cache(key_cache)
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
     for seq, seq_len in enumerate(lengths):
@@ -201,8 +222,12 @@ def paged_attention_reference(
             raise ValueError(f"seq_lens[{seq}] = {seq_len} is shorter than its {q_len} queries")
         blocks = block_tables[seq, : -(-seq_len // block_size)].long()
         # [seq_len, kv_heads, head_dim] -> [kv_heads, seq_len, head_dim]
-        keys = key_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
-        values = value_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+        keys = key_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+        values = value_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+        if fp8:
+            keys = dequantize_kv(keys, k_scale, torch.float32)
+            values = dequantize_kv(values, v_scale, torch.float32)
+        keys, values = keys.float(), values.float()
         queries = query[q_begin:q_end].transpose(0, 1).float()  # [q_heads, q_len, head_dim]
         query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
         key_pos = torch.arange(seq_len, device=query.device)[None, :]
@@ -402,6 +427,8 @@ def paged_attention_cpu(
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
     plan: CpuAttentionPlan | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batched torch paged attention for CPU tensors, same contract as :func:`paged_attention`.
 
@@ -413,7 +440,8 @@ def paged_attention_cpu(
     accumulates in fp32; bf16 then differs from the fp32 reference by bf16 rounding, as the
     Triton kernel does); fp16 is upcast to fp32. ``plan`` (from :func:`plan_cpu_attention` with
     the same batch, block size and window) lets the layers of one step share the host-side
-    preparation.
+    preparation. fp8 caches are gathered as fp8 and dequantized (``dequantize_kv``) to the
+    compute dtype after the gather.
     """
     _validate_args(
         query,
@@ -426,10 +454,13 @@ def paged_attention_cpu(
         max_seq_len,
         out,
         sliding_window,
+        k_scale,
+        v_scale,
     )
     if out is None:
         out = torch.empty_like(query)
     block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    fp8 = is_fp8_cache(key_cache)
     if plan is None:
         plan = plan_cpu_attention(block_tables, query_start_loc, seq_lens,
                                   block_size=block_size, sliding_window=sliding_window)
@@ -451,6 +482,9 @@ def paged_attention_cpu(
             queries = query.index_select(0, group.token_index)
         keys = _gather_keys(key_cache, key_rows, group.slots, block_size)
         values = _gather_keys(value_cache, value_rows, group.slots, block_size)
+        if fp8:
+            keys = dequantize_kv(keys, k_scale, compute_dtype)
+            values = dequantize_kv(values, v_scale, compute_dtype)
         queries, keys, values = (x.to(compute_dtype) for x in (queries, keys, values))
         # [seqs, keys, kv_heads, head_dim] -> [seqs, kv_heads, keys, head_dim] (strided view)
         keys = keys.view(num_seqs, num_keys, num_kv_heads, head_dim).transpose(1, 2)
@@ -508,6 +542,7 @@ if HAS_TRITON:
         MASKED: tl.constexpr,
         USE_SLIDING_WINDOW: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        KV_FP8: tl.constexpr,
     ):
         """One online-softmax step over the keys ``tile_start .. tile_start + BLOCK_N - 1``.
 
@@ -541,6 +576,11 @@ if HAS_TRITON:
             mask=keys_t_mask,
             other=fill,
         )
+        if KV_FP8:
+            # Dequantized in registers, exactly: e4m3 -> fp16 is Hopper's packed convert, then
+            # the query dtype (k_scale is folded into scale_log2). The fp16 step also keeps the
+            # interpreter right: its direct e4m3 -> bf16 cast is not.
+            keys_t = keys_t.to(tl.float16).to(query.dtype)
         scores = tl.dot(query, keys_t, input_precision=DOT_PRECISION) * scale_log2
         if MASKED:
             visible = key_valid[None, :] & (key_pos[None, :] <= row_pos[:, None])
@@ -559,6 +599,8 @@ if HAS_TRITON:
             mask=values_mask,
             other=fill,
         )
+        if KV_FP8:  # as the keys; v_scale is applied to the final result
+            values = values.to(tl.float16).to(query.dtype)
         acc = acc * correction[:, None] + tl.dot(
             probs.to(values.dtype), values, input_precision=DOT_PRECISION
         )
@@ -578,6 +620,8 @@ if HAS_TRITON:
         split_max_ptr,  # fp32 [tokens, q_heads, splits] (split path only)
         split_sum_ptr,  # fp32 [tokens, q_heads, splits] (split path only)
         split_counter_ptr,  # int32, one zeroed counter per (seq, kv head, q tile) (split path only)
+        k_scale_ptr,  # float32 [1]: fp8 caches only
+        v_scale_ptr,
         scale_log2,  # softmax scale * log2(e): the softmax runs in base 2
         sliding_window,
         num_q_heads,
@@ -606,6 +650,7 @@ if HAS_TRITON:
         SPLIT_KV: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        KV_FP8: tl.constexpr,
     ):
         BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
         # Axis 0 walks the query tiles of one (sequence, head) back to front: the last tiles see the
@@ -653,6 +698,16 @@ if HAS_TRITON:
             kv_begin = tl.maximum(kv_begin, split * keys_per_split)
             kv_end = tl.minimum(kv_end, (split + 1) * keys_per_split)
 
+        if KV_FP8:  # scores of dequantized keys: q . (k8 * k_scale) = (q . k8) * k_scale
+            if query.dtype == tl.bfloat16:
+                # fp16 tensor-core math instead: e4m3 -> fp16 is one packed convert, e4m3 -> bf16
+                # goes through fp32 per element, which made the kernel compute-bound. The query
+                # is pre-multiplied by the softmax scale so fp16's range (65504) cannot overflow;
+                # fp16 keeps more of its mantissa than bf16 did.
+                query = (query.to(tl.float32) * (scale_log2 * 0.6931471805599453)).to(tl.float16)
+                scale_log2 = 1.4426950408889634 * tl.load(k_scale_ptr)
+            else:
+                scale_log2 = scale_log2 * tl.load(k_scale_ptr)
         # A finite start for the running max keeps exp2(old - new) from becoming NaN on rows that
         # have seen only masked keys so far.
         running_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -696,6 +751,7 @@ if HAS_TRITON:
                     False,
                     False,
                     DOT_PRECISION,
+                    KV_FP8,
                 )
         for tile_start in range(masked_begin, kv_end, BLOCK_N):
             acc, running_max, running_sum = _attend_key_tile(
@@ -724,6 +780,7 @@ if HAS_TRITON:
                 True,
                 USE_SLIDING_WINDOW,
                 DOT_PRECISION,
+                KV_FP8,
             )
 
         out_row = (q_begin + row_token).to(tl.int64) * num_q_heads + row_q_head
@@ -759,7 +816,10 @@ if HAS_TRITON:
                 SPLITS_PAD,
             )
         # Every valid row saw at least its own key, so running_sum > 0; padding rows divide by 1.
-        result = acc / tl.where(row_valid, running_sum, 1.0)[:, None]
+        normaliser = tl.where(row_valid, running_sum, 1.0)
+        if KV_FP8:  # sum_j p_j (v8_j * v_scale) = v_scale * sum_j p_j v8_j
+            normaliser = normaliser / tl.load(v_scale_ptr)
+        result = acc / normaliser[:, None]
         tl.store(
             out_ptr
             + (q_begin + row_token)[:, None] * stride_out_token
@@ -938,12 +998,15 @@ def paged_attention(
     sliding_window: int | None = None,
     num_kv_splits: int | None = None,
     config: AttentionConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``query`` over the paged K/V cache (see the module docstring).
 
     ``max_query_len``/``max_seq_len`` are host-side upper bounds used only to size the grid.
     ``num_kv_splits`` forces the number of key-range splits (None: chosen from the sizes);
     ``config`` overrides the whole launch configuration (benchmarks and tests).
+    ``k_scale``/``v_scale``: the layer's scales, required for fp8 caches (ignored otherwise).
     Returns ``out`` (allocated when None), in the query dtype.
     """
     require_triton("paged_attention")
@@ -958,7 +1021,10 @@ def paged_attention(
         max_seq_len,
         out,
         sliding_window,
+        k_scale,
+        v_scale,
     )
+    kv_fp8 = is_fp8_cache(key_cache)
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
         if cache.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1)")
@@ -1017,6 +1083,8 @@ def paged_attention(
         split_max,
         split_sum,
         split_counters,
+        k_scale if kv_fp8 else seq_lens,
+        v_scale if kv_fp8 else seq_lens,
         scale * _LOG2_E,
         sliding_window or 0,
         num_q_heads,
@@ -1039,6 +1107,7 @@ def paged_attention(
         SPLIT_KV=split_kv,
         SPLITS_PAD=triton.next_power_of_2(splits),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -3,6 +3,10 @@
 Every layer's cache is `[num_blocks, block_size, local_kv_heads, head_dim]` for keys and the same
 for values (the layout the kernels expect). All layers live in one allocation so the pool is
 reserved (and freed) at once, and block ids mean the same thing in every layer and every rank.
+
+The pool's dtype is `EngineConfig.kv_cache_dtype`: the model dtype ('auto') or e4m3 ('fp8', one
+byte per element), so at the same memory an fp8 pool holds twice the blocks of a bf16 one (four
+times fp32's), on every rank alike.
 """
 
 from __future__ import annotations
@@ -11,9 +15,29 @@ from typing import Any
 
 import torch
 
+from pagedserve.kernels.kv_quant import FP8_KV_DTYPE, has_fp8
+from pagedserve.scheduler.config import ConfigError
 from pagedserve.workers.layers.attention import KVCache
 from pagedserve.workers.layers.parallel import divide_exactly
 from pagedserve.workers.models.llama import head_dim_of, num_kv_heads_of
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's element type for `EngineConfig.kv_cache_dtype` ('auto' or 'fp8')."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ConfigError(f"EngineConfig.kv_cache_dtype must be one of ('auto', 'fp8'), got "
+                          f"{kv_cache_dtype!r}")
+    if not has_fp8():
+        raise ConfigError(f"EngineConfig.kv_cache_dtype='fp8' needs torch.float8_e4m3fn, which "
+                          f"torch {torch.__version__} lacks; use 'auto' or torch >= 2.1")
+    return FP8_KV_DTYPE
+
+
+def kv_dtype_name(dtype: torch.dtype) -> str:
+    """How model info names a pool dtype: 'bfloat16', 'float8_e4m3fn', ..."""
+    return str(dtype).removeprefix("torch.")
 
 
 def local_kv_heads(config: Any, tp_size: int = 1) -> int:

@@ -20,7 +20,13 @@ from pagedserve.config import EngineConfig
 from pagedserve.errors import ResourceExhausted
 from pagedserve.scheduler.output import SchedulerOutput, StepResult
 from pagedserve.workers.host_resources import available_host_memory, choose_cpu_threads
-from pagedserve.workers.kv_pool import allocate_kv_cache_for_config, bytes_per_block
+from pagedserve.workers.kv_pool import (
+    allocate_kv_cache_for_config,
+    bytes_per_block,
+    kv_cache_torch_dtype,
+    kv_dtype_name,
+)
+from pagedserve.workers.kv_scales import prepare_kv_scales
 from pagedserve.workers.layers.linear import pack_weights_for_cpu
 from pagedserve.workers.layers.parallel import init_tensor_parallel
 from pagedserve.workers.model_runner import ModelRunner
@@ -63,8 +69,9 @@ class Worker:
         self.device = torch.device(device_type)
         self.hf_config = load_config(model_dir)
         self.dtype = model_dtype(config, self.hf_config, device_type)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.block_bytes = bytes_per_block(
-            self.hf_config, config.block_size, self.dtype, tp_size=world_size
+            self.hf_config, config.block_size, self.kv_dtype, tp_size=world_size
         )
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
@@ -125,6 +132,7 @@ class Worker:
             "max_position_embeddings": getattr(self.hf_config, "max_position_embeddings", 8192),
             "block_bytes": self.block_bytes,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "kv_cache_dtype": kv_dtype_name(self.kv_dtype),
             "device": self.device.type,
             "eos_token_ids": eos_token_ids(
                 self.hf_config, load_tokenizer(self.config.tokenizer or self.model_dir),
@@ -142,7 +150,7 @@ class Worker:
             kv_bytes = profile_kv_cache_bytes(
                 self.model,
                 self.hf_config,
-                self.dtype,
+                self.kv_dtype,
                 self.device,
                 max_num_batched_tokens,
                 config.max_num_seqs,
@@ -174,7 +182,7 @@ class Worker:
             self.hf_config,
             num_gpu_blocks,
             config.block_size,
-            self.dtype,
+            self.kv_dtype,
             self.device,
             tp_size=self.world_size,
         )
@@ -184,7 +192,7 @@ class Worker:
                 self.hf_config,
                 num_cpu_blocks,
                 config.block_size,
-                self.dtype,
+                self.kv_dtype,
                 "cpu",
                 tp_size=self.world_size,
             )
@@ -202,6 +210,7 @@ class Worker:
             config.seed,
             cuda_graph_max_batch=graph_batch,
         )
+        prepare_kv_scales(self.model, config.kv_cache_dtype, config.calculate_kv_scales)
 
     def _kv_pool_size_field(self) -> str | None:
         """The EngineConfig field that sized this rank's KV pool; None when profiling did (that

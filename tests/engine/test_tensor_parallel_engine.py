@@ -140,3 +140,28 @@ def test_more_ranks_than_the_cluster_has_is_a_clear_error(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=8 needs 8 CPUs in the Ray "
                                          r"cluster, which has 4"):
         make_llm(wide, tensor_parallel_size=8)
+
+
+def test_a_placement_wait_waits_for_the_autoscaler_then_says_so(checkpoint, tmp_path):
+    # Where an autoscaler adds nodes the group waits instead of being refused: here none comes.
+    import time
+
+    from pagedserve.errors import ResourceExhausted
+    from tests.helpers.tiny_models import save_tiny_checkpoint
+
+    wide = save_tiny_checkpoint(tmp_path / "wide", "llama", num_key_value_heads=8,
+                                num_attention_heads=8)
+    start = time.monotonic()
+    with pytest.raises(ResourceExhausted, match=r"tensor_parallel_size=8: no single Ray node "
+                                                r"has 8 free CPUs \(waited 2 s\)"):
+        make_llm(wide, tensor_parallel_size=8, placement_wait_s=2.0)
+    assert 2.0 <= time.monotonic() - start < 30.0
+
+
+@pytest.mark.parametrize("wait", [0.0, -1.0, float("nan"), float("inf"), "60"])
+def test_placement_wait_is_validated(wait):
+    from pagedserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match=r"EngineConfig.placement_wait_s.*None or a finite "
+                                         r"number > 0"):
+        EngineConfig(placement_wait_s=wait)

@@ -42,6 +42,8 @@ class FakeReplica:
         self.label = label
         self.up = False
         self.in_flight = 0
+        self.in_flight_tokens = 0
+        self.draining = False
         self.stats = cpb.EngineSnapshot()
         self.gpus: list[pb.GpuStats] = []
         self.added: list[cpb.CoreRequest] = []
@@ -51,6 +53,10 @@ class FakeReplica:
 
     async def start(self, timeout_s: float = 30.0) -> None:
         self.up = True
+
+    def release(self, tokens: int) -> None:
+        self.in_flight -= 1
+        self.in_flight_tokens -= tokens
 
     async def close(self) -> None:
         self.up = False

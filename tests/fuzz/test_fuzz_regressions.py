@@ -1,14 +1,18 @@
-"""The bugs the fuzz tests found, one assertion each (in process, over inprocess.FakeGateway),
-and those found but not fixed here (xfail, strict: they pass once fixed, and the mark goes).
+"""The bugs the fuzz tests found, one assertion each (in process, over inprocess.FakeGateway).
 
-Fixed:
 - a refusal without `field` (no tokenizer for a text prompt, stop strings without a
   tokenizer, the GenerateRequest checks): an HTTP 400 with `param: null`;
 - lone surrogates ("\\ud800", which JSON can carry) in `stop`, `cache_salt`, a chat message,
   or quoted by an error message (an unknown `model`): a 500 (UnicodeEncodeError or the
   tokenizer's TypeError) instead of the 400 / 404;
 - `priority` outside int32 over HTTP, and `min_tokens` past uint32 with no max_tokens: a 500
-  (ValueError setting the coordinator's proto field) instead of a 400.
+  (ValueError setting the coordinator's proto field) instead of a 400;
+- an unknown field named like a union member ('str', 'int', ...), holding '[' or a '.': named
+  wrongly or not at all in the 400's `param`;
+- a body of any size read into memory: now 413 over `max_body_bytes` (gRPC's message limit by
+  default), by its Content-Length or as the chunks arrive;
+- a long text prompt tokenized on the gateway's event loop, stalling every other call for the
+  whole encoding: now on a small thread pool (`prompt_tokenizer.PromptTokenizer`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import json
 import time
 
+import grpc
 import pytest
 
 from pagedserve.cluster.generation_messages import parse_generate_request
@@ -150,32 +155,84 @@ def test_min_tokens_up_to_the_context_is_served(fakes):
     assert reply.status == 200, reply.body
 
 
-# ---- found, not fixed here (the code is outside this task's files) ---------------------------
+# ---- an unknown field is named as sent -------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="known bug in openai_server._field_of: an unknown "
-                   "field named like a union tag ('str', 'int', 'float', 'bool'), holding "
-                   "'[', or empty is dropped from the location, so the 400 has param null; "
-                   "one with a '.' is cut there ('a.b' -> 'a'). Fix: param = problem['loc'][1]")
 @pytest.mark.parametrize("key", ["str", "int", "float", "bool", "a.b", "x[0]"])
 def test_an_unknown_field_is_named_exactly(fakes, key):
     error = refused(post(fakes["bytes"], "/v1/completions", {"prompt": [1, 2], key: 1}))
     assert error["param"] == key
+    assert error["message"].startswith(f"invalid request: {key}: Extra inputs")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the OpenAI app reads a body of any size "
-                   "into memory (gRPC refuses messages over MAX_MESSAGE_BYTES); FastAPI's "
-                   "max_body_size in openai_server.build_app would answer 413")
+def test_a_union_member_below_the_field_is_left_out_of_its_name(fakes):
+    error = refused(post(fakes["bytes"], "/v1/completions", {"prompt": [1, "x"]}))
+    assert error["param"] == "prompt"
+    assert "prompt.1: " in error["message"] and "list[int]" not in error["message"]
+
+
+# ---- the HTTP body limit ------------------------------------------------------------------------
+
+async def chunked_call(app, path: str, chunks: list[bytes]):
+    """A POST whose body comes in `chunks` with no Content-Length (chunked encoding); the
+    reply, and how many chunks the app read."""
+    read = 0
+    sent: dict = {"body": []}
+
+    async def receive() -> dict:
+        nonlocal read
+        if read < len(chunks):
+            read += 1
+            return {"type": "http.request", "body": chunks[read - 1],
+                    "more_body": read < len(chunks)}
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            sent["status"] = message["status"]
+        else:
+            sent["body"].append(message.get("body", b""))
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 40000),
+             "server": ("127.0.0.1", 8000), "state": {},
+             "headers": [(b"host", b"fuzz"), (b"content-type", b"application/json"),
+                         (b"transfer-encoding", b"chunked")]}
+    await app(scope, receive, send)
+    return sent["status"], json.loads(b"".join(sent["body"])), read
+
+
 def test_a_body_over_the_message_limit_is_413(fakes):
-    reply = post(fakes["bytes"], "/v1/completions", b"x" * (MAX_MESSAGE_BYTES + 1))
-    assert reply.status == 413
+    error = refused(post(fakes["bytes"], "/v1/completions", b"x" * (MAX_MESSAGE_BYTES + 1)),
+                    413)
+    assert error == {"message": f"the request body is over {MAX_MESSAGE_BYTES} bytes (the "
+                                "server's max_body_bytes); send a shorter prompt",
+                     "type": "request_entity_too_large", "param": None, "code": 413}
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: Gateway.submit tokenizes text on the event "
-                   "loop, so a long text prompt (up to 64 MiB over gRPC) stalls every other "
-                   "call for its whole tokenization (the byte-level tokenizer on a 2-core "
-                   "machine: 0.65 s for a million characters, 21 s for 8 million); a text "
-                   "far longer than the context could be refused first, or tokenized off "
-                   "the loop")
+def test_the_body_limit_is_configurable_and_counts_chunked_bodies(fakes):
+    from pagedserve.cluster.openai_server import build_app
+
+    fake = fakes["bytes"]
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 1}).encode()
+    app = build_app(fake.gateway, [], max_body_bytes=len(body))
+    assert fake.run(asgi_call(app, "POST", "/v1/completions", body)).status == 200
+    fake.run(fake.settle())
+    padded = body[:-1] + b" }"  # one byte over
+    assert fake.run(asgi_call(app, "POST", "/v1/completions", padded)).status == 413
+    status, reply, read = fake.run(chunked_call(app, "/v1/completions",
+                                                [padded[:10], padded[10:], b"never read"]))
+    assert status == 413 and reply["error"]["code"] == 413
+    assert read == 2, "the body is refused as soon as it passes the limit"
+    status, _, _ = fake.run(chunked_call(app, "/v1/completions", [body[:10], body[10:]]))
+    assert status == 200
+    fake.run(fake.settle())
+    fake.assert_idle()
+    with pytest.raises(InvalidArgument, match="max_body_bytes must be an integer >= 1"):
+        build_app(fake.gateway, [], max_body_bytes=0)
+
+
 def test_a_long_text_prompt_does_not_stall_the_gateway(fakes):
     fake = fakes["bytes"]
     text = "a" * 800_000
@@ -204,3 +261,116 @@ def test_a_long_text_prompt_does_not_stall_the_gateway(fakes):
     longest_gap = fake.run(both())
     fake.run(fake.settle())
     assert longest_gap < 0.1, f"the loop stalled for {longest_gap:.2f} s"
+
+
+def test_the_body_limit_over_a_real_socket(fakes):
+    """uvicorn on 127.0.0.1: a body over the limit is 413 however it is sent (50 MB refused by
+    its Content-Length, a chunked one as it arrives), and the next body is served."""
+    import http.client
+
+    from pagedserve.cluster.openai_server import OpenAIHttpServer
+
+    fake = fakes["none"]
+    good = json.dumps({"prompt": [1, 2], "max_tokens": 1}).encode()
+
+    def send(port: int, body: bytes, chunked: bool) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            payload = iter([body[:500], body[500:]]) if chunked else body
+            connection.request("POST", "/v1/completions", payload,
+                               {"Content-Type": "application/json"}, encode_chunked=chunked)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    async def calls():
+        server = OpenAIHttpServer(fake.gateway, [], "127.0.0.1", 0, max_body_bytes=1000)
+        port = int((await server.start()).rsplit(":", 1)[1])
+        try:
+            return [await asyncio.to_thread(send, port, body, chunked)
+                    for body, chunked in ((b"x" * 50_000_000, False), (b"x" * 5000, True),
+                                          (good, False))]
+        finally:
+            await server.stop(1.0)
+
+    (big, big_body), (chunked, chunked_body), (ok, _) = fake.run(calls(), timeout=60)
+    fake.run(fake.settle())
+    assert (big, chunked, ok) == (413, 413, 200)
+    assert big_body["error"]["code"] == chunked_body["error"]["code"] == 413
+    assert big_body["error"]["message"].startswith("the request body is over 1000 bytes")
+
+
+def test_server_load_skips_a_replica_lost_since_it_was_seen_up():
+    # Found by the chaos soak: a coordinator killed between two reads of its state made
+    # GetServerLoad fail (UNKNOWN) for the whole gateway instead of counting the others.
+    from tests.fuzz.inprocess import FakeGateway, FakeReplica
+
+    fake = FakeGateway("m", None, 256, 512, 8)
+    try:
+        lost = FakeReplica(fake.gateway, fake.replica.model_info, label="1")
+
+        async def unreachable():
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(), details="connection refused")
+
+        lost.up = True
+        lost.load = unreachable
+        fake.gateway.replicas = [fake.replica, lost]
+        load = fake.run(fake.gateway.GetServerLoad(pb.GetServerLoadRequest(), None))
+        assert (load.num_replicas_up, load.kv_blocks_total) == (1, 64)
+        assert load.gateway_queue_limit == 2 * fake.gateway.max_queue_per_replica
+    finally:
+        fake.close()
+
+
+def _refusing(replica, code=grpc.StatusCode.UNAVAILABLE):
+    async def add(requests, timeout_s=30.0):
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="this replica takes no new requests")
+    replica.add = add
+    return replica
+
+
+def test_a_replica_refusing_with_unavailable_sends_the_request_to_another():
+    # A fleet's scale-down makes a coordinator refuse new requests before every gateway's
+    # discovery has seen it go: the gateway tries the next replica instead of failing.
+    from tests.fuzz.inprocess import FakeGateway, FakeReplica
+
+    fake = FakeGateway("m", None, 256, 512, 8)
+    try:
+        refusing = [_refusing(FakeReplica(fake.gateway, fake.replica.model_info, label=label))
+                    for label in ("1", "2")]
+        for replica in refusing:
+            replica.up = True
+        fake.gateway.replicas = [*refusing, fake.replica]
+        for index in range(4):
+            reply = post(fake, "/v1/completions",
+                         {"model": "m", "prompt": [5 + index, 6, 7], "max_tokens": 1})
+            assert reply.status == 200, reply.body[:300]
+        assert len(fake.replica.added) == 4
+        assert [replica.in_flight for replica in refusing] == [0, 0]
+
+        fake.gateway.replicas = refusing
+        error = refused(post(fake, "/v1/completions",
+                             {"model": "m", "prompt": [5, 6, 7], "max_tokens": 1}), 503)
+        assert "takes no new requests" in error["message"]
+    finally:
+        fake.close()
+
+
+def test_a_replica_refusing_with_another_status_is_not_retried_elsewhere():
+    from tests.fuzz.inprocess import FakeGateway, FakeReplica
+
+    fake = FakeGateway("m", None, 256, 512, 8)
+    try:
+        bad = _refusing(FakeReplica(fake.gateway, fake.replica.model_info, label="1"),
+                        grpc.StatusCode.INVALID_ARGUMENT)
+        bad.up = True
+        fake.gateway.replicas = [bad]
+        error = refused(post(fake, "/v1/completions",
+                             {"model": "m", "prompt": [5, 6, 7], "max_tokens": 1}), 400)
+        assert "takes no new requests" in error["message"]
+        assert fake.replica.added == []
+    finally:
+        fake.close()

@@ -4,7 +4,9 @@ clients.
 
 - random GenerateRequests over real gRPC and random bodies over real HTTP (every request that
   could be valid stops within 4 tokens): INVALID_ARGUMENT / 400 naming the field, or a normal
-  answer; raw garbage for a message or a body;
+  answer; raw garbage for a message (INVALID_ARGUMENT naming the message, at the gateway and
+  at a coordinator) or a body;
+- a text prompt of 4 million characters: health answers while it is tokenized;
 - messages over the server's receive limit: RESOURCE_EXHAUSTED, and the next call is served;
 - a stalled streaming client (GenerateStream, and server-sent events into a socket that is
   never read): the server stays responsive to everyone else, and once that client goes away
@@ -32,6 +34,7 @@ from hypothesis import strategies as st
 from pagedserve.cluster.grpc_common import MAX_MESSAGE_BYTES
 from pagedserve.cluster.launcher import ServeOptions
 from pagedserve.config import EngineConfig
+from pagedserve.protos.v1 import coordinator_pb2 as cpb
 from pagedserve.protos.v1 import generation_pb2 as pb
 from pagedserve.protos.v1 import generation_pb2_grpc
 from tests.fuzz import strategies as fz
@@ -158,10 +161,8 @@ def test_garbage_messages_over_grpc(aio, served, channel, raw):
         message = None
     event(code.name)
     if message is None:
-        # grpc answers UNKNOWN for a message its deserializer cannot parse, before any
-        # handler runs (test_unparseable_message_is_invalid_argument, a known bug).
-        assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNKNOWN), (
-            code, details)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "pagedserve.v1.GenerateRequest" in details, details
     elif code != grpc.StatusCode.OK:
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
         check_proto_refusal(message, details)
@@ -172,24 +173,59 @@ def test_garbage_messages_over_grpc(aio, served, channel, raw):
     assert aio.run(check()).status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: grpc answers UNKNOWN ('Unexpected "
-                   "DecodeError raised by servicer method') for a request that does not "
-                   "parse; the fix is outside this folder's files (a server interceptor in "
-                   "grpc_common.py, or deserializers that abort with INVALID_ARGUMENT)")
 def test_unparseable_message_is_invalid_argument(aio, served, channel):
     call = channel.unary_unary("/pagedserve.v1.Generation/Generate",
                                request_serializer=lambda b: b,
                                response_deserializer=pb.GenerateResponse.FromString)
+    stream = channel.unary_stream("/pagedserve.v1.Generation/GenerateStream",
+                                  request_serializer=lambda b: b,
+                                  response_deserializer=pb.GenerateStreamResponse.FromString)
     truncated = ids_request(PROMPT, max_tokens=2).SerializeToString()[:-1]
 
     async def send():
-        try:
-            await call(truncated, timeout=30)
-        except grpc.aio.AioRpcError as error:
-            return error.code()
-        return grpc.StatusCode.OK
+        answers = []
+        for make in (lambda: call(truncated, timeout=30),
+                     lambda: stream(truncated, timeout=30)):
+            try:
+                result = make()
+                if hasattr(result, "__aiter__"):
+                    async for _ in result:
+                        pass
+                else:
+                    await result
+            except grpc.aio.AioRpcError as error:
+                answers.append((error.code(), error.details()))
+                continue
+            answers.append((grpc.StatusCode.OK, ""))
+        return answers
 
-    assert aio.run(send(), timeout=40) == grpc.StatusCode.INVALID_ARGUMENT
+    for code, details in aio.run(send(), timeout=40):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert details.startswith("the request does not parse as "
+                                  "pagedserve.v1.GenerateRequest: "), details
+
+
+def test_unparseable_message_to_a_coordinator_is_invalid_argument(aio, served, idle_free):
+    """The coordinator's internal service parses first too: a truncated AddRequests is
+    INVALID_ARGUMENT naming its message, and nothing is queued."""
+    async def send():
+        async with grpc.aio.insecure_channel(served.gateway.replicas[0].address) as internal:
+            call = internal.unary_unary("/pagedserve.v1.Coordinator/AddRequests",
+                                        request_serializer=lambda b: b,
+                                        response_deserializer=lambda b: b)
+            good = cpb.AddRequestsRequest(subscriber="fuzz", requests=[
+                cpb.CoreRequest(request_id="cut", prompt_token_ids=PROMPT)])
+            try:
+                await call(good.SerializeToString()[:-1], timeout=30)
+            except grpc.aio.AioRpcError as error:
+                return error.code(), error.details()
+            return grpc.StatusCode.OK, ""
+
+    code, details = aio.run(send(), timeout=40)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "pagedserve.v1.AddRequestsRequest" in details, details
+    assert coordinator_requests(served) == 0
+    assert free_blocks(served) == idle_free
 
 
 @fuzz_settings(60)
@@ -458,3 +494,34 @@ def test_flood_past_the_queue(aio, served, idle_free):
     assert_back_to_idle(served, idle_free, timeout=30)
     after = http_call(served, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
     assert after.status == 200
+
+
+# ---- a huge text prompt ----------------------------------------------------------------------
+
+def test_health_is_answered_while_a_huge_prompt_is_tokenized(aio, served, channel):
+    """Tokenize of 4 million characters (about two seconds of encoding here) runs off the
+    gateway's loop: gRPC health and HTTP /health answer within a quarter second all along."""
+    health_s = 0.25
+    text = "a" * 4_000_000
+
+    async def body():
+        tokenize = asyncio.ensure_future(generation_pb2_grpc.GenerationStub(channel).Tokenize(
+            pb.TokenizeRequest(text=text), timeout=60))
+        health = health_pb2_grpc.HealthStub(channel)
+        slowest = 0.0
+        answered = 0
+        while not tokenize.done():
+            started = time.monotonic()
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            http = await asyncio.to_thread(http_call, served, "GET", "/health")
+            assert http.status == 200
+            slowest = max(slowest, time.monotonic() - started)
+            answered += 1
+            await asyncio.sleep(0.02)
+        return len((await tokenize).token_ids), answered, slowest
+
+    count, answered, slowest = aio.run(body(), timeout=90)
+    assert count == 4_000_000
+    assert answered >= 3, "too quick to tell"
+    assert slowest < health_s, f"a health check took {slowest:.2f} s"

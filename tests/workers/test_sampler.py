@@ -45,6 +45,17 @@ def test_greedy_is_argmax():
     assert out.logprobs is None
 
 
+def test_greedy_ties_and_nan_pick_what_argmax_picks():
+    # (the CPU path takes max's indices, not argmax: the first maximum, NaN as the maximum)
+    logits = torch.randint(0, 3, (64, VOCAB), generator=torch.Generator().manual_seed(5)).float()
+    logits[3, [7, 40]] = float("nan")
+    logits[4] = float("-inf")
+    logits[4, [9, 30]] = 2.0
+    out = sample(logits, make_batch([SamplingParams(temperature=0)] * 64))
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+    assert out.token_ids[3] == 7 and out.token_ids[4] == 9
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1.0, top_k=1),
     SamplingParams(temperature=2.0, top_p=1e-6),

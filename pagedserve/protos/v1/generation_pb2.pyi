@@ -254,7 +254,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "tensor_parallel_size", "block_size", "num_kv_blocks", "dtype", "max_num_seqs", "num_replicas")
+    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "tensor_parallel_size", "block_size", "num_kv_blocks", "dtype", "max_num_seqs", "num_replicas", "kv_cache_dtype", "kv_cache_capacity_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,8 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     vocab_size: int
@@ -275,7 +277,9 @@ class ModelInfo(_message.Message):
     dtype: str
     max_num_seqs: int
     num_replicas: int
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tensor_parallel_size: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., num_replicas: _Optional[int] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_cache_capacity_tokens: int
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tensor_parallel_size: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., num_replicas: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_capacity_tokens: _Optional[int] = ...) -> None: ...
 
 class GetServerLoadRequest(_message.Message):
     __slots__ = ()

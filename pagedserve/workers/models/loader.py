@@ -180,6 +180,43 @@ def _param_target(model: LlamaForCausalLM, checkpoint_name: str) -> tuple[str, A
     return checkpoint_name, None
 
 
+# Checkpoint names of per-layer fp8 KV-cache scales (the names vLLM reads) -> the Attention
+# buffers they set. A scale s means the cache stores x / s.
+_KV_SCALE_NAMES = {
+    "self_attn.k_scale": ("k_scale",),  # llm-compressor
+    "self_attn.v_scale": ("v_scale",),
+    "self_attn.kv_scale": ("k_scale", "v_scale"),  # AutoFP8: one scale for both
+    "self_attn.k_proj.output_scale": ("k_scale",),  # ModelOpt
+    "self_attn.v_proj.output_scale": ("v_scale",),
+}
+
+
+def _kv_scale_target(checkpoint_name: str) -> tuple[str, tuple[str, ...]] | None:
+    """(our Attention module's name, the scales it sets) for a KV-scale tensor, else None."""
+    for suffix, scales in _KV_SCALE_NAMES.items():
+        if checkpoint_name.endswith("." + suffix):
+            return checkpoint_name[: -len(suffix)] + "self_attn.attn", scales
+    return None
+
+
+@torch.no_grad()
+def _load_kv_scale(model: LlamaForCausalLM, checkpoint_name: str, tensor: torch.Tensor,
+                   module_name: str, scales: tuple[str, ...]) -> None:
+    try:
+        attention = model.get_submodule(module_name)
+    except AttributeError:
+        raise ValueError(f"checkpoint tensor {checkpoint_name!r} is a KV scale of a layer the "
+                         "model does not have") from None
+    # A per-head scale (some exporters) becomes the layer's largest: nothing saturates.
+    value = float(tensor.float().max()) if tensor.numel() else float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"checkpoint tensor {checkpoint_name!r} must hold finite scales > 0, "
+                         f"got {tensor.flatten()[:4].tolist()}")
+    for scale in scales:
+        getattr(attention, scale).fill_(value)
+        attention.checkpoint_kv_scales.add(scale)
+
+
 def _expected_loads(model: LlamaForCausalLM) -> set[tuple[str, Any]]:
     """Every (parameter, shard id) a complete checkpoint must fill."""
     shards_of: dict[str, list[Any]] = {}
@@ -194,7 +231,8 @@ def _expected_loads(model: LlamaForCausalLM) -> set[tuple[str, Any]]:
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike) -> None:
-    """Fill `model`'s parameters (this rank's shards) from the checkpoint in `model_dir`."""
+    """Fill `model`'s parameters (this rank's shards) from the checkpoint in `model_dir`, and
+    the attention layers' fp8 KV scales where the checkpoint has them (see `kv_scales`)."""
     model_dir = Path(model_dir)
     params = dict(model.named_parameters())
     loaded: set[tuple[str, Any]] = set()
@@ -204,6 +242,13 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike) -> None:
             for checkpoint_name in checkpoint.keys():  # noqa: SIM118 (safe_open is no dict)
                 if checkpoint_name.endswith(_IGNORED_SUFFIXES) or (
                         model.tie_word_embeddings and checkpoint_name == "lm_head.weight"):
+                    continue
+                kv_scale = _kv_scale_target(checkpoint_name)
+                if kv_scale is not None:
+                    tensor = (checkpoint.get_tensor(checkpoint_name)
+                              if hasattr(checkpoint, "get_tensor")
+                              else checkpoint.get_slice(checkpoint_name))
+                    _load_kv_scale(model, checkpoint_name, tensor, *kv_scale)
                     continue
                 name, shard_id = _param_target(model, checkpoint_name)
                 param = params.get(name)
