@@ -37,12 +37,12 @@ def test_replicas_spread_over_nodes_and_a_full_cluster_grows():
         cluster.wait_for_workers(ray, 2, timeout_s=120)
         placements = []
         try:
-            placements = [ReplicaPlacement(1, "cuda", timeout_s=60) for _ in range(2)]
+            placements = [ReplicaPlacement(1, "cuda", wait_s=60) for _ in range(2)]
             first, second = (group_nodes(ray, p) for p in placements)
             assert len(first) == len(second) == 1 and first != second
             # Each node has one GPU left: a TP=2 replica fits on neither, so its group waits
             # until the autoscaler brings up a third node, where both ranks go.
-            placements.append(ReplicaPlacement(2, "cuda", timeout_s=150))
+            placements.append(ReplicaPlacement(2, "cuda", wait_s=150))
             (third,) = [group_nodes(ray, placements[-1])]
             assert len(third) == 1 and third.isdisjoint(first | second)
             assert len(cluster.worker_nodes(ray)) == 3
