@@ -25,6 +25,7 @@ from tests.chaos.chaos_utils import (
     actor_pid,
     coordinator_state,
     gateway_load,
+    private_bytes,
     rss_bytes,
     wait_until,
 )
@@ -230,9 +231,12 @@ class ChaosRun:
                 f"{[coordinator_state(h) for h in self.coordinators]}, free at the start "
                 f"{self.start_free}")
 
-    def memory(self) -> tuple[int, int]:
-        """Resident bytes of gateway 0 and of coordinator 0 (no fault restarts them)."""
-        return rss_bytes(self.gateways[0].pid), rss_bytes(actor_pid(self.coordinators[0]))
+    def memory(self) -> tuple[int, int, int, int]:
+        """Private resident bytes of gateway 0 and of coordinator 0 (no fault restarts them),
+        then their whole resident bytes (shared pages included)."""
+        gateway, coordinator = self.gateways[0].pid, actor_pid(self.coordinators[0])
+        return (private_bytes(gateway), private_bytes(coordinator), rss_bytes(gateway),
+                rss_bytes(coordinator))
 
     def close(self) -> None:
         for gateway in self.gateways:
