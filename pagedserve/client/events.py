@@ -73,6 +73,11 @@ class StreamAssembler:
         self.completions: dict[int, Completion] = {}
         self.final: StreamFinal | None = None
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens delivered so far, over every completion."""
+        return sum(len(completion.token_ids) for completion in self.completions.values())
+
     def _completion(self, index: int) -> Completion:
         if index not in self.completions:
             self.completions[index] = Completion(

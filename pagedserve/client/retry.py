@@ -158,15 +158,15 @@ ERROR_CLASSES: dict[str, type[errors.PagedServeError]] = {
 }
 
 
-def error_from_rpc(error: grpc.RpcError) -> errors.PagedServeError:
-    """The pagedserve error for a failed RPC, carrying the server's message.
+def error_from_rpc(error: grpc.RpcError, message: str | None = None) -> errors.PagedServeError:
+    """The pagedserve error for a failed RPC, carrying the server's message (or `message`).
 
     The result also has `grpc_code` (the status code name, also for codes sharing a class) and
     `trailing_metadata` (what the server sent with the status).
     """
     name = status_name(error)
     details = error.details() if hasattr(error, "details") else None
-    message = details or f"RPC failed with status {name}"
+    message = message or details or f"RPC failed with status {name}"
     result = ERROR_CLASSES.get(name, errors.Internal)(message)
     result.grpc_code = name
     result.trailing_metadata = trailing_metadata(error)
@@ -176,3 +176,17 @@ def error_from_rpc(error: grpc.RpcError) -> errors.PagedServeError:
 def raise_from_rpc(error: grpc.RpcError) -> None:
     """Raise the pagedserve error for `error`, chained to it."""
     raise error_from_rpc(error) from error
+
+
+def raise_stream_error(error: grpc.RpcError, delivered_tokens: int) -> None:
+    """Raise the pagedserve error for a stream that failed after `delivered_tokens` tokens:
+    an UNAVAILABLE stream that had delivered tokens lost its gateway (or the connection to it)
+    mid-request, which is never retried, and says so rather than grpc's socket wording."""
+    if delivered_tokens and status_name(error) == "UNAVAILABLE":
+        details = error.details() if hasattr(error, "details") else None
+        raise error_from_rpc(error, (
+            f"the stream was cut after {delivered_tokens} tokens ({details}): the gateway or "
+            "the connection to it was lost before the request finished; the tokens so far "
+            "are in the stream's completions; send the request again (a call that received "
+            "anything is not retried)")) from error
+    raise_from_rpc(error)

@@ -38,7 +38,7 @@ from pagedserve.client.requests import (
     split_call_kwargs,
 )
 from pagedserve.client.results import GenerationResult, ModelInfo, ServerLoad, result_from_proto
-from pagedserve.client.retry import RetryPolicy, raise_from_rpc
+from pagedserve.client.retry import RetryPolicy, raise_from_rpc, raise_stream_error
 from pagedserve.errors import Internal
 
 
@@ -107,7 +107,7 @@ class GenerationStream:
             self._done = True
             if self._closed:
                 raise StopIteration from None
-            raise_from_rpc(error)
+            raise_stream_error(error, self._assembler.num_tokens)
         except BaseException:
             self.close()
             raise

@@ -78,3 +78,28 @@ def test_error_before_any_message(server):
         with pytest.raises(Unavailable, match="no replica"):
             next(stream)
     assert len(server.servicer.calls) == FAST_RETRY.max_attempts
+
+
+def test_a_stream_cut_after_tokens_says_the_gateway_was_lost(server):
+    # UNAVAILABLE after tokens (a gateway killed mid-stream) is never retried: the error says
+    # how many tokens came and what to do, not just grpc's "Socket closed".
+    server.servicer.stream = canned_stream()[:2]
+    server.servicer.stream_error = Failure(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    with Client(server.address) as client:
+        stream = client.generate_stream("p")
+        delivered = [next(stream), next(stream)]
+        tokens = sum(len(event.token_ids) for event in delivered)
+        assert tokens > 0
+        with pytest.raises(Unavailable, match=rf"the stream was cut after {tokens} tokens "
+                                              r"\(Socket closed\): the gateway .* send the "
+                                              r"request again"):
+            next(stream)
+    assert server.servicer.methods("GenerateStream") == ["GenerateStream"]
+
+
+def test_unavailable_before_any_token_keeps_the_servers_message(server):
+    server.servicer.stream = []
+    server.servicer.stream_error = Failure(grpc.StatusCode.UNAVAILABLE, "no replica is up")
+    with Client(server.address, retry=FAST_RETRY) as client, \
+            pytest.raises(Unavailable, match=r"^no replica is up$"):
+        next(client.generate_stream("p"))
