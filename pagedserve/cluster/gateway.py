@@ -224,8 +224,7 @@ class Gateway(GenerationService):
         continuation (`failover.continuation`); False if none can take it or it cannot go
         on unchanged."""
         request = self._requests.get(request_id)
-        targets = [r for r in self.replicas if r.up and not r.draining and r is not lost
-                   and r.in_flight < self.max_queue_per_replica]
+        targets = [r for r in self._open({lost}) if r.in_flight < self.max_queue_per_replica]
         if request is None or not targets:
             return False
         generated = None if isinstance(request.params, BeamSearchParams) \

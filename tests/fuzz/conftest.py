@@ -24,11 +24,12 @@ from tests.fuzz.common import (
 )
 from tests.fuzz.inprocess import FakeGateway
 from tests.gateway.gateway_utils import LoopThread
+from tests.helpers.folder_ray import FolderRay
 from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 RAY_CPUS = 8
 HERE = Path(__file__).resolve().parent
-_ray_started_here = False
+_ray = FolderRay(HERE, RAY_CPUS)
 
 
 @pytest.fixture(scope="session")
@@ -80,31 +81,14 @@ def aio():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A fresh local Ray cluster, started by the folder's first module that needs one and shut
-    down after the folder's last test (hook below)."""
-    import ray
-
-    global _ray_started_here
-    if not _ray_started_here:
-        if ray.is_initialized():  # a connection another folder left behind
-            ray.shutdown()
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
-                 logging_level="ERROR")
-        _ray_started_here = True
-    return ray
+    """A fresh local Ray cluster for this folder (tests/helpers/folder_ray.py)."""
+    return _ray.start()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After the last fuzz test's fixtures are torn down: stop the Ray cluster."""
-    global _ray_started_here
+    """After the last test of this folder has torn down its fixtures: stop its Ray cluster."""
     try:
         return (yield)
     finally:
-        leaving = nextitem is None or HERE not in Path(str(nextitem.path)).resolve().parents
-        if leaving and _ray_started_here:
-            _ray_started_here = False
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
+        _ray.stop_when_leaving(nextitem)

@@ -88,6 +88,15 @@ def idle_free(served) -> int:
     return free_blocks(served)
 
 
+
+async def to_the_end(call) -> None:
+    """Await a unary call, or read a streaming one to its end; its error, if any, raises."""
+    if hasattr(call, "__aiter__"):
+        async for _ in call:
+            pass
+    else:
+        await call
+
 # ---- random requests and bodies --------------------------------------------------------------
 
 @fuzz_settings(200)
@@ -187,12 +196,7 @@ def test_unparseable_message_is_invalid_argument(aio, served, channel):
         for make in (lambda: call(truncated, timeout=30),
                      lambda: stream(truncated, timeout=30)):
             try:
-                result = make()
-                if hasattr(result, "__aiter__"):
-                    async for _ in result:
-                        pass
-                else:
-                    await result
+                await to_the_end(make())
             except grpc.aio.AioRpcError as error:
                 answers.append((error.code(), error.details()))
                 continue
@@ -257,12 +261,7 @@ def test_message_over_the_receive_limit_is_resource_exhausted(aio, served, chann
                                                  timeout=60),
                      lambda: stub.Tokenize(pb.TokenizeRequest(text=huge_text), timeout=60)):
             try:
-                result = call()
-                if hasattr(result, "__aiter__"):
-                    async for _ in result:
-                        pass
-                else:
-                    await result
+                await to_the_end(call())
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
             else:

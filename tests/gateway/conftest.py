@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.gateway.gateway_utils import LoopThread
+from tests.helpers.folder_ray import FolderRay
 from tests.helpers.tiny_models import save_tiny_checkpoint
 from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
@@ -20,7 +21,7 @@ ray = pytest.importorskip("ray")
 # Logical CPUs: a Server takes two (its coordinator and one rank); room to spare for a second.
 RAY_CPUS = 8
 HERE = Path(__file__).resolve().parent
-_ray_started_here = False
+_ray = FolderRay(HERE, RAY_CPUS)
 
 
 @pytest.fixture(scope="session")
@@ -32,31 +33,17 @@ def aio():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A fresh local Ray cluster (never one RAY_ADDRESS or `ray start` left running), started
-    by the folder's first module and shut down after its last test (hook below)."""
-    global _ray_started_here
-    if not _ray_started_here:
-        if ray.is_initialized():  # a connection another folder left behind
-            ray.shutdown()
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
-                 logging_level="ERROR")
-        _ray_started_here = True
-    return ray
+    """A fresh local Ray cluster for this folder (tests/helpers/folder_ray.py)."""
+    return _ray.start()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After the fixtures of the last gateway test are torn down (its Servers stopped): stop the
-    Ray cluster, so later folders neither share nor pay for it."""
-    global _ray_started_here
+    """After the last test of this folder has torn down its fixtures: stop its Ray cluster."""
     try:
         return (yield)
     finally:
-        leaving = nextitem is None or HERE not in Path(str(nextitem.path)).resolve().parents
-        if leaving and _ray_started_here:
-            _ray_started_here = False
-            if ray.is_initialized():
-                ray.shutdown()
+        _ray.stop_when_leaving(nextitem)
 
 
 @pytest.fixture(scope="session")

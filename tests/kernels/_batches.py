@@ -6,6 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
+# Mixed batch in one launch: decode (q_len 1), chunked prefill over cached context, a full
+# prefill, a one-token sequence; lengths are not multiples of any block size.
+MIXED_Q_LENS = [1, 7, 1, 19, 1]
+MIXED_SEQ_LENS = [1, 26, 37, 19, 45]
+
+KERNEL_HEAD_SHAPES = [
+    (2, 2, 64, 16, torch.float32),  # GQA ratio 1 (MHA)
+    (4, 1, 64, 8, torch.float16),  # ratio 4
+    (8, 1, 128, 32, torch.float32),  # ratio 8
+    (5, 1, 80, 16, torch.float32),  # ratio 5 (padded group), head_dim 80 (padded dims)
+    (4, 2, 64, 128, torch.float16),  # a 128-token block
+]
+"""(num_q_heads, num_kv_heads, head_dim, block_size, dtype) the kernels are checked over."""
+
 
 @dataclass
 class PagedBatch:

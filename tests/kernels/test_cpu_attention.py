@@ -16,10 +16,13 @@ from pagedserve.kernels.paged_attention import (
     paged_attention_reference,
     plan_cpu_attention,
 )
-from tests.kernels._batches import make_batch, naive_dense_attention, relative_error
-
-MIXED_Q_LENS = [1, 7, 1, 19, 1]
-MIXED_SEQ_LENS = [1, 26, 37, 19, 45]
+from tests.kernels._batches import (
+    MIXED_Q_LENS,
+    MIXED_SEQ_LENS,
+    make_batch,
+    naive_dense_attention,
+    relative_error,
+)
 
 
 def _tolerance(dtype: torch.dtype) -> float:

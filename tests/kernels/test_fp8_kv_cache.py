@@ -34,12 +34,17 @@ from pagedserve.kernels.paged_attention import (
     paged_attention_cpu,
     paged_attention_reference,
 )
-from tests.kernels._batches import make_batch, naive_dense_attention, relative_error
+from tests.kernels._batches import (
+    KERNEL_HEAD_SHAPES,
+    MIXED_Q_LENS,
+    MIXED_SEQ_LENS,
+    make_batch,
+    naive_dense_attention,
+    relative_error,
+)
 from tests.kernels._fp8 import quantize_batch
 
 F8 = FP8_KV_DTYPE
-MIXED_Q_LENS = [1, 7, 1, 19, 1]
-MIXED_SEQ_LENS = [1, 26, 37, 19, 45]
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -196,13 +201,7 @@ def _check_all_paths(fp8, *, tolerance, sliding_window=None, **kernel_options):
 
 @pytest.mark.parametrize(
     ("num_q_heads", "num_kv_heads", "head_dim", "block_size", "dtype"),
-    [
-        (2, 2, 64, 16, torch.float32),  # GQA ratio 1 (MHA)
-        (4, 1, 64, 8, torch.float16),  # ratio 4
-        (8, 1, 128, 32, torch.float32),  # ratio 8
-        (5, 1, 80, 16, torch.float32),  # ratio 5 (padded group), head_dim 80 (padded dims)
-        (4, 2, 64, 128, torch.float16),  # a 128-token block
-    ],
+    KERNEL_HEAD_SHAPES,
 )
 def test_mixed_batch_matches_the_fp8_rounded_oracle(
     num_q_heads, num_kv_heads, head_dim, block_size, dtype
