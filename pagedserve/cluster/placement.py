@@ -12,6 +12,7 @@ group.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -27,12 +28,36 @@ REPLICA_GROUP_PREFIX = "pagedserve-replica-"
 """Name prefix of replica placement groups: how `spread_target` counts them per node."""
 
 
+RAY_STARTUP_ATTEMPTS = 3
+"""Tries at starting a local Ray node: Ray gives a new raylet a fixed 30 s to register with its
+GCS, which a loaded 2-core machine (processes of a cluster that just stopped still exiting) has
+missed in CI."""
+
+
 def ensure_ray(num_cpus: int | None = None) -> Any:
     """The `ray` module with a connection: the cluster RAY_ADDRESS names, else a local one."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, num_cpus=num_cpus)
+        start_ray(logging_level=logging.WARNING, num_cpus=num_cpus)
+    return ray
+
+
+def start_ray(**init_options: Any) -> Any:
+    """`ray.init(**init_options)`, tried again when a local node times out during startup."""
+    import ray
+
+    for attempt in range(1, RAY_STARTUP_ATTEMPTS):
+        try:
+            ray.init(**init_options)
+            return ray
+        except Exception as error:
+            if "timed out during startup" not in str(error):
+                raise
+            logger.warning("Ray start-up attempt %d timed out; trying again", attempt)
+            ray.shutdown()
+            time.sleep(2.0 * attempt)
+    ray.init(**init_options)
     return ray
 
 

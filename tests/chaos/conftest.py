@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.local_ray import start_local_ray
 from tests.helpers.tiny_models import save_tiny_checkpoint
 from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
@@ -17,11 +18,7 @@ RAY_CPUS = 8
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A fresh local cluster (never one that RAY_ADDRESS or `ray start` left running)."""
-    if ray.is_initialized():  # a connection another module left behind
-        ray.shutdown()
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
-             logging_level="ERROR")
-    yield ray
+    yield start_local_ray(RAY_CPUS)
     ray.shutdown()
 
 

@@ -21,6 +21,7 @@ import pytest
 from pagedserve.cli_serve import FLEET_READY_PREFIX, READY_PREFIX, ready_addresses
 from pagedserve.client import Client, StreamDelta
 from pagedserve.cluster.fleet_discovery import FLEET_NAMESPACE, replica_actor_name
+from tests.helpers.local_ray import start_local_ray
 from tests.helpers.tiny_models import save_tiny_checkpoint
 
 ray = pytest.importorskip("ray")
@@ -83,13 +84,11 @@ class ServeProcess:
 
 @pytest.fixture(scope="module")
 def ray_address():
-    if ray.is_initialized():  # a connection another module left behind
-        ray.shutdown()
     with pytest.MonkeyPatch.context() as patch:
         from ray._private import ray_constants
 
         patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # loopback node address
-        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR")
+        start_local_ray(8)
         address = ray.get_runtime_context().gcs_address
         assert address.startswith("127.0.0.1:")
         yield address

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.engine_utils import HFReference
+from tests.helpers.local_ray import start_local_ray
 from tests.helpers.tiny_models import save_tiny_checkpoint
 from tests.helpers.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
@@ -22,19 +23,7 @@ RAY_CPUS = 6
 @pytest.fixture(scope="module", autouse=True)
 def local_ray_cluster():
     """A fresh local cluster (never one that RAY_ADDRESS or `ray start` left running)."""
-    if ray.is_initialized():  # a connection another module left behind
-        ray.shutdown()
-    for attempt in range(2):
-        try:
-            ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
-                     logging_level="ERROR")
-            break
-        except Exception as error:
-            # Seen once in CI on a 2-core machine right after other modules' clusters stopped:
-            # "The current node timed out during startup". One fresh try, then the error.
-            if attempt or "timed out during startup" not in str(error):
-                raise
-            ray.shutdown()
+    start_local_ray(RAY_CPUS)
     yield
     ray.shutdown()
 

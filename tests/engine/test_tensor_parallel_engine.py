@@ -18,6 +18,7 @@ from tests.engine.engine_utils import (
     make_prompts,
     token_ids,
 )
+from tests.helpers.local_ray import start_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -29,7 +30,7 @@ PROMPTS = make_prompts((1, 3, 8, 17, 29, 40), seed=5)
 @pytest.fixture(scope="module", autouse=True)
 def local_ray_cluster():
     # Logical CPUs: two ranks fit even on a 2-core machine that also runs the test process.
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    start_local_ray(4)
     yield
     ray.shutdown()
 

@@ -8,6 +8,7 @@ import pytest
 
 from pagedserve.executor.ray import RayExecutor
 from tests.engine.engine_utils import assert_no_leaks, greedy, make_llm, make_prompts, token_ids
+from tests.helpers.local_ray import start_local_ray
 from tests.helpers.tiny_models import save_tiny_checkpoint
 
 ray = pytest.importorskip("ray")
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 @pytest.fixture(scope="module", autouse=True)
 def wide_ray_cluster():
     # Logical CPUs: eight rank actors (one CPU bundle each) plus the driver, on any machine.
-    ray.init(num_cpus=9, include_dashboard=False, logging_level="ERROR")
+    start_local_ray(9)
     yield
     ray.shutdown()
 

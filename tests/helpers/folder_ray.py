@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.local_ray import start_local_ray
+
 
 class FolderRay:
     """The Ray cluster of the tests under `folder`, with `num_cpus` logical CPUs."""
@@ -36,10 +38,7 @@ class FolderRay:
         import ray
 
         if not self.started:
-            if ray.is_initialized():
-                ray.shutdown()
-            ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False,
-                     logging_level="ERROR")
+            start_local_ray(self.num_cpus)
             self.started = True
         return ray
 

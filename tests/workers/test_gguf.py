@@ -23,6 +23,7 @@ from pagedserve.workers.models.loader import (
     load_model,
     load_tokenizer,
 )
+from tests.helpers.local_ray import start_local_ray
 from tests.helpers.tiny_models import TINY_SHAPE, tiny_config, tiny_hf_model
 
 gguf = pytest.importorskip("gguf")
@@ -347,8 +348,8 @@ def test_hf_checkpoint_directories_are_not_mistaken_for_gguf(tiny_checkpoint, gg
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tp2_over_ray_matches_transformers(gguf_file, hf_model):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    pytest.importorskip("ray")
+    ray = start_local_ray(4)
     try:
         with make_llm(gguf_file, tensor_parallel_size=2) as llm:
             assert greedy_tokens(llm, PROMPTS) == hf_greedy(hf_model, PROMPTS)
