@@ -4,7 +4,7 @@ through the SDK, ~10% of them cancelling part-way, while seeded faults strike at
 moments: a worker rank killed, a coordinator killed (Ray restarts it), a gateway killed and
 started again on its port. `ChaosRun.round` returns each request's outcome; `idle` waits until
 the replicas hold nothing; `memory` reads the resident memory of the processes that no fault
-restarts (gateway 0, coordinator 0)."""
+restarts (gateway 0, coordinator 0) and the Ray object store's bytes."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tests.chaos.chaos_utils import (
     actor_pid,
     coordinator_state,
     gateway_load,
+    object_store_bytes,
     private_bytes,
     rss_bytes,
     wait_until,
@@ -231,12 +232,13 @@ class ChaosRun:
                 f"{[coordinator_state(h) for h in self.coordinators]}, free at the start "
                 f"{self.start_free}")
 
-    def memory(self) -> tuple[int, int, int, int]:
+    def memory(self) -> tuple[int, int, int, int, int]:
         """Private resident bytes of gateway 0 and of coordinator 0 (no fault restarts them),
-        then their whole resident bytes (shared pages included)."""
+        then their whole resident bytes (shared pages included), then the bytes of the Ray
+        object store's objects."""
         gateway, coordinator = self.gateways[0].pid, actor_pid(self.coordinators[0])
         return (private_bytes(gateway), private_bytes(coordinator), rss_bytes(gateway),
-                rss_bytes(coordinator))
+                rss_bytes(coordinator), object_store_bytes())
 
     def close(self) -> None:
         for gateway in self.gateways:

@@ -88,9 +88,7 @@ def rss_bytes(pid: int) -> int:
 
 def private_bytes(pid: int) -> int:
     """Resident memory of a process that is its own (RssAnon): VmRSS less the pages of files
-    and shared memory it maps, such as the Ray object store's /dev/shm (whose pages a
-    compiled graph's channels touch anew after every rebuild while the store's own accounting
-    stays flat)."""
+    and shared memory it maps, such as the Ray object store's /dev/shm."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
@@ -118,3 +116,12 @@ def wait_until(condition: Callable[[], bool], timeout: float,
         if time.monotonic() - started > timeout:
             return None
         time.sleep(interval)
+
+
+def object_store_bytes() -> int:
+    """Bytes the objects in the Ray object store of this test's cluster take, compiled-graph
+    channel buffers included (Ray's `ray memory --stats-only` figure)."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.object_store_bytes_used
