@@ -32,7 +32,12 @@ from typing import Any
 from pagedserve.cluster.coordinator_server import SERVICE as COORDINATOR_SERVICE
 from pagedserve.cluster.coordinator_server import start_coordinator_server
 from pagedserve.cluster.grpc_common import set_serving
-from pagedserve.cluster.placement import ReplicaPlacement, ensure_ray, resolve_device
+from pagedserve.cluster.placement import (
+    ReplicaPlacement,
+    ensure_ray,
+    remove_actor_groups,
+    resolve_device,
+)
 from pagedserve.cluster.wire import RequestFailed, StepDelivery
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchOutput
@@ -645,7 +650,8 @@ def stop_coordinator(handle: Any, timeout_s: float = 30.0) -> None:
 
     try:
         ray.get(handle.shutdown.remote(), timeout=timeout_s)
-    except ray.exceptions.RayActorError as error:  # it died before: nothing left to stop
+    except ray.exceptions.RayActorError as error:  # it died before: only its group is left
         logger.warning("coordinator already gone: %s", error)
     finally:
         ray.kill(handle)
+        remove_actor_groups(handle._actor_id.hex())

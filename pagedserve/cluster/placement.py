@@ -7,6 +7,13 @@ nodes: a new replica's group is asked, softly, for the node holding the fewest r
 makes the Ray autoscaler add a node) when no node can take it. `executor_for` builds the
 executor a configuration asks for: one rank in this process, or Ray actors in a new placement
 group.
+
+Ray removes a group an actor made only once that actor is dead for good and the job that
+started it has ended, so a coordinator that Ray restarts (its actor id survives) would hold the
+group of every earlier incarnation beside its own. An actor's groups are therefore named after
+it and its worker process (`_group_name`): a new incarnation removes the groups of the earlier
+ones before making its own, and whoever stops an actor for good removes the rest
+(`remove_actor_groups`).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0
 REPLICA_GROUP_PREFIX = "pagedserve-replica-"
-"""Name prefix of replica placement groups: how `spread_target` counts them per node."""
+"""Name prefix of replica placement groups: how `spread_target` counts them per node. An
+actor's groups go on with `<actor id>-<worker id>-`; a driver's with a random suffix only."""
 
 
 RAY_STARTUP_ATTEMPTS = 3
@@ -102,14 +110,67 @@ def spread_target(node_capacity: Mapping[str, float], group_nodes: Iterable[str]
     return min(fitting, key=lambda node: groups[node])
 
 
-def _replica_group_nodes(ray: Any) -> list[str]:
-    """The node of every placed replica group in the cluster (any server's)."""
-    nodes = []
-    for group in ray.util.placement_group_table().values():
-        if group.get("name", "").startswith(REPLICA_GROUP_PREFIX) \
-                and group.get("state") == "CREATED" and group.get("bundles_to_node_id"):
-            nodes.append(group["bundles_to_node_id"][0])
-    return nodes
+def _live_replica_groups(ray: Any) -> dict[str, dict]:
+    """Group id -> table entry of every replica group Ray has not removed (any server's)."""
+    return {group_id: group for group_id, group in ray.util.placement_group_table().items()
+            if group.get("name", "").startswith(REPLICA_GROUP_PREFIX)
+            and group.get("state") != "REMOVED"}
+
+
+def _replica_group_nodes(groups: Iterable[dict]) -> list[str]:
+    """The node of every placed group among `groups` (table entries)."""
+    return [group["bundles_to_node_id"][0] for group in groups
+            if group.get("state") == "CREATED" and group.get("bundles_to_node_id")]
+
+
+def _actor_prefix(actor_id: str) -> str:
+    return f"{REPLICA_GROUP_PREFIX}{actor_id}-"
+
+
+def _group_name(ray: Any) -> str:
+    """A new group's name: after the actor and the process making it (see the module
+    docstring), random within them."""
+    context = ray.get_runtime_context()
+    actor_id = context.get_actor_id()
+    owner = "" if actor_id is None else f"{actor_id}-{context.get_worker_id()}-"
+    return f"{REPLICA_GROUP_PREFIX}{owner}{uuid.uuid4().hex[:12]}"
+
+
+def _remove_groups(ray: Any, groups: dict[str, dict], name_prefix: str,
+                   keep_prefix: str | None = None) -> list[str]:
+    """Remove the groups (id -> table entry) named with `name_prefix`, except those named with
+    `keep_prefix`; their ids."""
+    from ray.util.placement_group import PlacementGroup
+
+    removed = [group_id for group_id, group in groups.items()
+               if group["name"].startswith(name_prefix)
+               and not (keep_prefix and group["name"].startswith(keep_prefix))]
+    for group_id in removed:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+    return removed
+
+
+def _remove_earlier_incarnations_groups(ray: Any, groups: dict[str, dict]) -> list[str]:
+    """In an actor: remove the groups its earlier incarnations (other worker processes under
+    the same actor id) left; their ids. Nothing in a driver or a task."""
+    context = ray.get_runtime_context()
+    actor_id = context.get_actor_id()
+    if actor_id is None:
+        return []
+    removed = _remove_groups(ray, groups, _actor_prefix(actor_id),
+                             keep_prefix=f"{_actor_prefix(actor_id)}{context.get_worker_id()}-")
+    if removed:
+        logger.warning("removed %d placement group(s) left by an earlier incarnation of actor "
+                       "%s", len(removed), actor_id)
+    return removed
+
+
+def remove_actor_groups(actor_id: str) -> int:
+    """Remove every replica group the actor `actor_id` (hex) made, in any incarnation: for an
+    actor stopped for good, whose groups Ray keeps while the job that started it runs. How
+    many there were."""
+    ray = ensure_ray()
+    return len(_remove_groups(ray, _live_replica_groups(ray), _actor_prefix(actor_id)))
 
 
 class ReplicaPlacement:
@@ -140,10 +201,12 @@ class ReplicaPlacement:
         bundle = {"GPU": 1, "CPU": 1} if device_type == "cuda" else {"CPU": 1}
         capacity = {node["NodeID"]: node["Resources"].get(resource, 0)
                     for node in ray.nodes() if node["Alive"]}
-        target = spread_target(capacity, _replica_group_nodes(ray), size)
+        groups = _live_replica_groups(ray)
+        for group_id in _remove_earlier_incarnations_groups(ray, groups):
+            del groups[group_id]
+        target = spread_target(capacity, _replica_group_nodes(groups.values()), size)
         self.group = placement_group([bundle] * size, strategy="STRICT_PACK",
-                                     name=f"{REPLICA_GROUP_PREFIX}{uuid.uuid4().hex[:12]}",
-                                     _soft_target_node_id=target)
+                                     name=_group_name(ray), _soft_target_node_id=target)
         ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
         if not ready:
             self.release()
