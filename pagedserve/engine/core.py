@@ -479,6 +479,7 @@ class EngineCore:
         owners = self._owners
         all_logprobs = result.logprobs
         updates = outputs.updates
+        finished_status = RequestStatus.FINISHED
         for request in emitted:
             sequence_id = request.request_id
             owner = owners.get(sequence_id)
@@ -488,14 +489,14 @@ class EngineCore:
                     continue
                 owners[sequence_id] = owner
             request_id, index = owner
-            logprobs = all_logprobs.get(sequence_id)
+            logprobs = all_logprobs.get(sequence_id) if all_logprobs else None
             num_cached = request.num_cached_tokens
             # Positional, as keywords make this about 1.7x slower: new_token_ids, logprobs,
             # prompt_logprobs, finish_reason, stop_reason, num_cached_tokens, num_preemptions.
             update = SequenceUpdate(request_id, index, [request.output_token_ids[-1]],
                                     None if logprobs is None else [logprobs], None, None, None,
                                     num_cached if num_cached > 0 else 0, request.num_preemptions)
-            if request.status is RequestStatus.FINISHED:
+            if request.status is finished_status:
                 self._finish_update(update, request)
                 del owners[sequence_id]
             updates.append(update)

@@ -52,16 +52,21 @@ class BlockPool:
         """Take `count` free blocks (ref count 1 each) in the documented order."""
         if count > self.num_free_blocks:
             raise NoFreeBlocksError(f"asked for {count} blocks, {self.num_free_blocks} free")
-        taken = []
-        for _ in range(count):
-            if self._free_plain:
-                block_id = self._free_plain.popleft()
-            else:
-                block_id, _ = self._free_cached.popitem(last=False)
-                self._drop_from_index(block_id)
-            self.ref_counts[block_id] = 1
-            taken.append(block_id)
-        return taken
+        allocate_one = self.allocate_one
+        return [allocate_one() for _ in range(count)]
+
+    def allocate_one(self) -> int | None:
+        """Take the next free block in the documented order (ref count 1), or None when no
+        block is free."""
+        if self._free_plain:
+            block_id = self._free_plain.popleft()
+        elif self._free_cached:
+            block_id, _ = self._free_cached.popitem(last=False)
+            self._drop_from_index(block_id)
+        else:
+            return None
+        self.ref_counts[block_id] = 1
+        return block_id
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block; blocks reaching zero join a free list in order."""

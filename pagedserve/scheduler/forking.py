@@ -69,7 +69,7 @@ def make_child(state: SchedulerState, parent: Request, child_id: str, outputs: l
     child.block_hashes = list(
         parent.block_hashes[:parent.num_computed_tokens // state.kv.block_size])
     state.kv.fork(parent.request_id, child_id)
-    state.requests[child_id] = child
+    state._hold(child)
     state.running.append(child)
     return child
 

@@ -51,7 +51,8 @@ class KVCacheManager:
         self.cpu_pool = BlockPool(num_cpu_blocks, enable_caching=False) if num_cpu_blocks else None
         self.block_tables: dict[str, list[int]] = {}
         self.cpu_block_tables: dict[str, list[int]] = {}
-        self._num_hashed_blocks: dict[str, int] = {}
+        self.num_hashed_blocks: dict[str, int] = {}
+        """Request id -> how many of its leading blocks are indexed in the prefix cache."""
 
     # ---- prefix cache -------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class KVCacheManager:
         computed = request.num_computed_tokens
         num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
         num_full = (computed if computed < num_tokens else num_tokens) // self.block_size
-        done = self._num_hashed_blocks.get(request.request_id, 0)
+        done = self.num_hashed_blocks.get(request.request_id, 0)
         if num_full <= done:
             return
         table = self.block_tables[request.request_id]
@@ -104,7 +105,7 @@ class KVCacheManager:
         self._extend_hashes(request, num_full * self.block_size)
         for index in range(done, num_full):
             self.pool.cache(table[index], request.block_hashes[index])
-        self._num_hashed_blocks[request.request_id] = num_full
+        self.num_hashed_blocks[request.request_id] = num_full
 
     # ---- allocation ---------------------------------------------------------------------
 
@@ -127,8 +128,8 @@ class KVCacheManager:
 
     def fits_in_place(self, request: Request, num_new_tokens: int, table: list[int]) -> bool:
         """Whether num_new_tokens more tokens fit the request's block table as it is: no new
-        block, and the block written first is this request's alone (no copy-on-write). The
-        decode fast path; allocate_slots would change nothing."""
+        block, and the block written first is this request's alone (no copy-on-write), so
+        allocate_slots would change nothing. running.py inlines this test for decodes."""
         computed = request.num_computed_tokens
         size = self.block_size
         return computed + num_new_tokens <= len(table) * size and (
@@ -159,7 +160,7 @@ class KVCacheManager:
         if cached_blocks:
             self.pool.share(cached_blocks)
             table.extend(cached_blocks)
-            self._num_hashed_blocks[request_id] = len(table)
+            self.num_hashed_blocks[request_id] = len(table)
         if self._needs_copy_on_write(request, table, num_new_tokens):
             index = request.num_computed_tokens // self.block_size
             (fresh,) = self.pool.allocate(1)
@@ -178,7 +179,7 @@ class KVCacheManager:
         table = self.block_tables.pop(request_id, None)
         if table:
             self.pool.free(reversed(table))
-        self._num_hashed_blocks.pop(request_id, None)
+        self.num_hashed_blocks.pop(request_id, None)
         cpu_table = self.cpu_block_tables.pop(request_id, None)
         if cpu_table:
             self.cpu_pool.free(cpu_table)
@@ -190,7 +191,7 @@ class KVCacheManager:
         table = list(self.block_tables.get(parent_id, ()))
         self.pool.share(table)
         self.block_tables[child_id] = table
-        self._num_hashed_blocks[child_id] = self._num_hashed_blocks.get(parent_id, 0)
+        self.num_hashed_blocks[child_id] = self.num_hashed_blocks.get(parent_id, 0)
         return table
 
     # ---- swapping -----------------------------------------------------------------------
@@ -210,7 +211,7 @@ class KVCacheManager:
         cpu_tables, pairs = _copy_tables(tables, self.cpu_pool)
         for request_id, table, cpu_table in zip(request_ids, tables, cpu_tables, strict=True):
             self.pool.free(reversed(table))
-            self._num_hashed_blocks.pop(request_id, None)
+            self.num_hashed_blocks.pop(request_id, None)
             self.cpu_block_tables[request_id] = cpu_table
         return pairs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -60,13 +61,17 @@ class Request:
     """Chained hashes of this request's full blocks, in order (filled lazily)."""
     parent_id: str | None = None
     """Set on sequences made by fork (parallel sampling, beams)."""
+    max_output_tokens: int = field(default=sys.maxsize, init=False, repr=False)
+    """Outputs after which no sample is wanted: max_tokens, or the end of the context if that
+    comes first (`limit_outputs`, called by the scheduler that takes the request)."""
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id!r}: prompt_token_ids must not be empty")
-        self._stop_ids = self.sampling_params.all_stop_token_ids()
+        self.stop_ids = self.sampling_params.all_stop_token_ids()
+        """Token ids that end the sequence once min_tokens are out (EOS unless ignore_eos)."""
         if self.eos_token_id is not None and not self.sampling_params.ignore_eos:
-            self._stop_ids.add(self.eos_token_id)
+            self.stop_ids.add(self.eos_token_id)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -84,6 +89,13 @@ class Request:
     def num_scheduled_tokens(self) -> int:
         """Tokens once every pending sample is known: what num_computed_tokens catches up with."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    def limit_outputs(self, max_model_len: int) -> None:
+        """Fix max_output_tokens for a context of max_model_len tokens."""
+        max_tokens = self.sampling_params.max_tokens
+        context_left = max_model_len - len(self.prompt_token_ids)
+        self.max_output_tokens = context_left if max_tokens is None \
+            else min(max_tokens, context_left)
 
     def needs_no_more_samples(self, max_model_len: int) -> bool:
         """Whether the samples already pending reach max_tokens or the context: scheduling
@@ -114,7 +126,7 @@ class Request:
         """Apply the stop conditions that need only token ids; True when finished."""
         params = self.sampling_params
         num_output = len(self.output_token_ids)
-        if num_output >= params.min_tokens and self.output_token_ids[-1] in self._stop_ids:
+        if num_output >= params.min_tokens and self.output_token_ids[-1] in self.stop_ids:
             self.finish_reason = FinishReason.STOP
             last = self.output_token_ids[-1]
             # As in vLLM: EOS leaves stop_reason None; a stop token id is reported.

@@ -9,8 +9,9 @@ after preemption (which resets it) are therefore one mechanism. Running requests
 first, then swapped ones, then waiting ones.
 
 This file is the step loop and the public API. The state it works on and the bookkeeping its
-parts share are `state.py`; who joins the running requests, `admission.py`; who leaves them
-for room, `preemption.py`; new sequences sharing a running one's blocks, `forking.py`.
+parts share are `state.py`; the running requests' share of a step, `running.py`; who joins
+the running requests, `admission.py`; who leaves them for room, `preemption.py`; new sequences
+sharing a running one's blocks, `forking.py`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from __future__ import annotations
 from pagedserve.errors import AlreadyExists
 from pagedserve.scheduler import admission, forking, preemption
 from pagedserve.scheduler.forking import child_request_id
-from pagedserve.scheduler.output import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
+from pagedserve.scheduler.output import SchedulerOutput
 from pagedserve.scheduler.request import FinishReason, Request, RequestStatus
+from pagedserve.scheduler.running import schedule_running
 from pagedserve.scheduler.state import SchedulerState
 
 __all__ = ["Scheduler", "child_request_id"]
@@ -55,7 +57,7 @@ class Scheduler(SchedulerState):
         if request.num_prompt_tokens > self.kv.block_size * self.cache_config.num_gpu_blocks:
             raise ValueError(f"prompt has {request.num_prompt_tokens} tokens, more than the whole "
                              f"KV cache holds; raise num_gpu_blocks or shorten the prompt")
-        self.requests[request.request_id] = request
+        self._hold(request)
         if request.sampling_params.n > 1:
             self.children[request.request_id] = []
             self._fork_pending.add(request.request_id)
@@ -121,46 +123,11 @@ class Scheduler(SchedulerState):
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens, allocate their slots, and describe the step as plain data."""
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        max_num_seqs = self.config.max_num_seqs
-        preempted_now = False
         if self.config.policy == "priority":
             # Victims come from the requests not yet scheduled this step, so the most urgent
             # must be scheduled first (admission order would let a late urgent one be evicted).
             self.running.sort(key=self.service_order)
-
-        # This loop runs once per running request per step, most often for a plain decode
-        # (_schedule_decode); what it calls is bound once here.
-        running = self.running
-        scheduled = out.scheduled
-        schedule_decode, allocate_slots = self._schedule_decode, self.kv.allocate_slots
-        index = 0
-        while index < len(running) and budget > 0 and len(scheduled) < max_num_seqs:
-            request = running[index]
-            if schedule_decode(request, out):
-                budget -= 1
-                index += 1
-                continue
-            num_new = self._chunk(self._target_tokens(request)
-                                  - request.num_computed_tokens, budget)
-            if num_new <= 0:
-                index += 1
-                continue
-            update = allocate_slots(request, num_new)
-            while update is None:
-                victim = self.victim_policy(running[index:])
-                preemption.preempt(self, victim, out)
-                running = self.running
-                preempted_now = True
-                if victim is request:
-                    break
-                update = allocate_slots(request, num_new)
-            if update is None:
-                continue
-            self._emit(request, num_new, update, out)
-            budget -= num_new
-            index += 1
-
+        budget, preempted_now = schedule_running(self, out, self.config.max_num_batched_tokens)
         if not preempted_now:
             budget = admission.resume_swapped(self, out, budget)
         if not preempted_now and not self.swapped:
@@ -168,42 +135,6 @@ class Scheduler(SchedulerState):
         out.forgotten_request_ids = self._forgotten
         self._forgotten = []
         return out
-
-    def _schedule_decode(self, request: Request, out: SchedulerOutput) -> bool:
-        """Schedule a running request's one next token, if that is a plain decode: no fork
-        pending, no sample ruled out, known to the workers, and the token fits its block table
-        as it is. Does what _target_tokens, allocate_slots and _emit would, without their
-        calls and objects, since this is most of every step; False, doing nothing, otherwise."""
-        request_id = request.request_id
-        kv = self.kv
-        table = kv.block_tables.get(request_id)
-        computed = request.num_computed_tokens
-        pending = request.num_pending_tokens
-        num_prompt = len(request.prompt_token_ids)
-        num_tokens = num_prompt + len(request.output_token_ids)
-        # One token short of num_scheduled_tokens: this token is the last, and it samples.
-        if not (num_tokens + pending == computed + 1 and table is not None
-                and request_id in self._known_to_workers
-                and request_id not in self._fork_pending
-                and not (pending and request.needs_no_more_samples(self.config.max_model_len))
-                and kv.fits_in_place(request, 1, table)):
-            return False
-        if computed >= num_tokens:  # the token sampled by the step still running
-            token_id = PLACEHOLDER_TOKEN_ID
-        elif computed < num_prompt:
-            token_id = request.prompt_token_ids[computed]
-        else:
-            token_id = request.output_token_ids[computed - num_prompt]
-        size = kv.block_size
-        request.num_computed_tokens = computed + 1
-        kv.cache_computed_blocks(request)  # now, not after the step: see _emit
-        request.num_pending_tokens = pending + 1
-        out.requests.append(request)
-        out.scheduled.append(ScheduledRequest(
-            request_id, [token_id], computed, len(table), [],
-            [table[computed // size] * size + computed % size], True, None))
-        out.num_batched_tokens += 1
-        return True
 
     # ---- after the model ran --------------------------------------------------------------
 
@@ -217,28 +148,45 @@ class Scheduler(SchedulerState):
         """
         emitted = []
         finished = False
-        # Once per scheduled request per step: what the loop needs is bound once here.
+        # Once per scheduled request per step: what the loop needs is bound once here, and
+        # cache_computed_blocks is called only when a block may be newly full (its check,
+        # inlined: tokens past num_tokens are pending samples, their hash unknown).
         requests = self.requests
-        cache_computed_blocks = self.kv.cache_computed_blocks
+        kv = self.kv
+        size = kv.block_size
+        hashed = kv.num_hashed_blocks if kv.enable_prefix_caching else None
+        cache_computed_blocks = kv.cache_computed_blocks
         max_model_len = self.config.max_model_len
+        add_emitted = emitted.append
+        running_status = RequestStatus.RUNNING
         for item, request in zip(out.scheduled, out.requests, strict=True):
             request_id = item.request_id
             if requests.get(request_id) is not request:  # finished or aborted since
                 continue
-            running = request.status is RequestStatus.RUNNING
-            if running:
-                cache_computed_blocks(request)
+            running = request.status is running_status
+            output = request.output_token_ids
+            num_prompt, num_output = len(request.prompt_token_ids), len(output)
+            if running and hashed is not None:
+                computed = request.num_computed_tokens
+                num_tokens = num_prompt + num_output
+                if (computed if computed < num_tokens else num_tokens) // size \
+                        > hashed.get(request_id, 0):
+                    cache_computed_blocks(request)
             if item.sample:
                 request.num_pending_tokens -= 1
-                request.append_token(sampled[request_id])
-                emitted.append(request)
-                if request.check_stop(max_model_len):
+                token_id = sampled[request_id]
+                output.append(token_id)
+                num_output += 1
+                add_emitted(request)
+                # check_stop only when one of its conditions may hold: most tokens end nothing.
+                if (token_id in request.stop_ids or num_output >= request.max_output_tokens) \
+                        and request.check_stop(max_model_len):
                     if not running:
                         self._remove_from_queues(request)
                     self._release(request)
                     finished = True
-            elif (running and request.request_id in self._fork_pending
-                  and request.num_computed_tokens == request.num_prompt_tokens - 1):
+            elif (running and request_id in self._fork_pending
+                  and request.num_computed_tokens == num_prompt - 1):
                 forking.split_into_sequences(self, request)
         if finished:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]

@@ -66,6 +66,11 @@ class SchedulerState:
         self.prefix_cache_hits = 0
         """Of those, tokens found cached (cumulative)."""
 
+    def _hold(self, request: Request) -> None:
+        """Take a sequence among the requests, its output limit fixed for this context."""
+        request.limit_outputs(self.config.max_model_len)
+        self.requests[request.request_id] = request
+
     # ---- a sequence leaves ----------------------------------------------------------------
 
     def _remove_from_queues(self, request: Request) -> None:

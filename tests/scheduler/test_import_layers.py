@@ -1,6 +1,7 @@
 """The scheduler's modules import one another only downward (docs/architecture.md, "Import
-direction"): the step loop over admission and preemption, over forking, over the state, over
-the KV cache manager and policies, over plain data. No cycle, and no part imports scheduler.py."""
+direction"): the step loop over the running requests' share of a step, over admission and
+preemption, over forking, over the state, over the KV cache manager and policies, over plain
+data. No cycle, and no part imports scheduler.py."""
 
 import ast
 from pathlib import Path
@@ -10,6 +11,7 @@ import pagedserve.scheduler
 PACKAGE = Path(pagedserve.scheduler.__file__).parent
 LAYERS = [
     {"scheduler"},
+    {"running"},
     {"admission", "preemption"},
     {"forking"},
     {"state"},
