@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -193,6 +194,25 @@ def ratios(results: dict) -> dict:
     }
 
 
+def per_round_ratios(runs: dict) -> dict:
+    """Affinity over round-robin throughput of each round on its own (the two ran minutes
+    apart at most, so a machine whose speed drifts moves both), and their median: on the
+    control every policy sends the same work to each replica, so its ratios spread around 1
+    by the machine's noise alone."""
+    if "prefix_affinity" not in runs or "round_robin" not in runs:
+        return {}
+
+    def throughput(run: dict) -> float:
+        return run["output_tokens"] / run["duration_s"]
+
+    ratios_by_workload = {}
+    for name in ("shared", "control"):
+        pairs = zip(runs["prefix_affinity"][name], runs["round_robin"][name], strict=True)
+        each = [throughput(affinity) / throughput(robin) for affinity, robin in pairs]
+        ratios_by_workload[name] = {"rounds": each, "median": statistics.median(each)}
+    return ratios_by_workload
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["small", "tiny", *sorted(MODEL_SHAPES)],
@@ -245,10 +265,14 @@ def main() -> None:
     results = {policy: {name: summarize(rounds) for name, rounds in by_name.items()}
                for policy, by_name in runs.items()}
     report = {"args": vars(args), "results": results, "runs": runs,
-              "affinity_over_round_robin": ratios(results)}
+              "affinity_over_round_robin": ratios(results),
+              "affinity_over_round_robin_per_round": per_round_ratios(runs)}
     print(table(results))
     for key, value in report["affinity_over_round_robin"].items():
         print(f"affinity / round-robin {key}: {value:.2f}x")
+    for name, paired in report["affinity_over_round_robin_per_round"].items():
+        print(f"affinity / round-robin {name} throughput per round: "
+              f"{', '.join(f'{r:.2f}' for r in paired['rounds'])} (median {paired['median']:.2f}x)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
 
