@@ -97,13 +97,23 @@ def prefill(scheduler: Scheduler) -> None:
             return
 
 
+def settle_heap(freeze: bool) -> None:
+    """Collect what set-up left; with `freeze`, move every object alive now out of the
+    collector's sight (`gc.freeze`), as a coordinator does once started: full collections then
+    scan only what the steps themselves made."""
+    gc.unfreeze()
+    gc.collect()
+    if freeze:
+        gc.freeze()
+
+
 def time_scheduler(prompts: list[list[int]], overlap: bool, warmup: int, steps: int,
-                   clock) -> dict:
+                   clock, freeze: bool) -> dict:
     scheduler = build_scheduler(prompts, max_tokens=warmup + steps + 64)
     prefill(scheduler)
     schedule_ms, update_ms = [], []
     in_flight = None
-    gc.collect()
+    settle_heap(freeze)
     for index in range(warmup + steps):
         t0 = clock()
         step = scheduler.schedule()
@@ -161,7 +171,8 @@ class FakeExecutor:
         return results
 
 
-def time_core(prompts: list[list[int]], overlap: bool, warmup: int, steps: int, clock) -> dict:
+def time_core(prompts: list[list[int]], overlap: bool, warmup: int, steps: int, clock,
+              freeze: bool) -> dict:
     max_tokens = warmup + steps + 64
     executor = FakeExecutor(num_blocks_for(prompts, max_tokens))
     core = EngineCore(EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=8192,
@@ -177,7 +188,7 @@ def time_core(prompts: list[list[int]], overlap: bool, warmup: int, steps: int, 
         if step.num_batched_tokens == len(step.scheduled) == len(prompts):
             break
     schedule_ms, complete_ms = [], []
-    gc.collect()
+    settle_heap(freeze)
     for index in range(warmup + steps):
         t0 = clock()
         step = core.schedule()
@@ -221,6 +232,8 @@ def main() -> None:
     parser.add_argument("--skip-core", action="store_true", help="time the scheduler only")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: time.perf_counter; cpu: this thread's CPU time")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after set-up, as the coordinator does once started")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
                                                        "scheduler_cost.json"))
     args = parser.parse_args()
@@ -231,16 +244,17 @@ def main() -> None:
     last_step = None
     for overlap in (False, True):
         mode = "overlap" if overlap else "sync"
-        timing = time_scheduler(prompts, overlap, args.warmup, args.steps, clock)
+        timing = time_scheduler(prompts, overlap, args.warmup, args.steps, clock, args.gc_freeze)
         last_step = timing.pop("last_step")
         rows[f"scheduler_{mode}"] = timing
         if not args.skip_core:
-            rows[f"core_{mode}"] = time_core(prompts, overlap, args.warmup, args.steps, clock)
+            rows[f"core_{mode}"] = time_core(prompts, overlap, args.warmup, args.steps, clock,
+                                             args.gc_freeze)
     wire = time_pickle(last_step, args.pickle_repeats, clock)
 
     print(f"{args.num_seqs} decoding sequences, prompts ~{args.prompt_len} tokens, block size "
           f"{BLOCK_SIZE}, prefix caching on; {args.steps} timed steps after {args.warmup} "
-          f"({args.clock} clock)")
+          f"({args.clock} clock{', start-up heap frozen' if args.gc_freeze else ''})")
     print(f"{'loop':<20}{'phase':<10}{'median ms':>11}{'p90 ms':>9}{'mean ms':>9}")
     for name, timing in rows.items():
         for phase, stats in timing.items():
@@ -254,7 +268,7 @@ def main() -> None:
 
     summary = {"num_seqs": args.num_seqs, "prompt_len": args.prompt_len,
                "block_size": BLOCK_SIZE, "warmup": args.warmup, "steps": args.steps,
-               "clock": args.clock,
+               "clock": args.clock, "gc_freeze": args.gc_freeze,
                "python": sys.version.split()[0], "machine": os.uname().machine,
                "cpu_count": os.cpu_count(), **rows, "pickle": wire}
     path = Path(args.json)

@@ -42,7 +42,7 @@ from pagedserve.cluster.output_streams import (
 )
 from pagedserve.cluster.placement import ensure_ray, remove_actor_groups
 from pagedserve.cluster.replica_report import ReplicaReport
-from pagedserve.cluster.step_loop import StepLoop, start_core
+from pagedserve.cluster.step_loop import StepLoop, freeze_startup_heap, start_core
 from pagedserve.config import EngineConfig
 from pagedserve.engine.core import EngineCoreRequest, EngineStats
 from pagedserve.errors import InvalidArgument, Unavailable
@@ -76,6 +76,7 @@ class Coordinator:
         self._health = None
         self.grpc_address: str | None = None
         self._report = ReplicaReport(self.core, config, self._lock, self._steps, self._outputs)
+        freeze_startup_heap()
 
     # ---- what the step thread keeps (read here, by the gRPC service and by tests) -------------
 

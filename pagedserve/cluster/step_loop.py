@@ -14,6 +14,7 @@ requeued and the thread starts new ranks in a new placement group; otherwise the
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -55,6 +56,15 @@ def start_core(config: EngineConfig) -> EngineCore:
         executor.shutdown()
         raise
     return core
+
+
+def freeze_startup_heap() -> None:
+    """Keep what start-up made (the core, the modules of Ray, gRPC and the model's config) out
+    of the cyclic collector's sight, so that its full collections, every hundred-odd steps at
+    256 running, scan only what the steps made (`bench/scheduler_cost.py --gc-freeze`: mean
+    step 0.606 -> 0.467 ms for the core with overlap, medians unchanged)."""
+    gc.collect()
+    gc.freeze()
 
 
 class StepLoop:

@@ -456,6 +456,15 @@ def test_the_coordinator_process_never_imports_torch(replica):
                         for w in workers]))
 
 
+@pytest.mark.timeout(30)
+def test_the_coordinator_freezes_its_start_up_heap(replica):
+    # Its core and the modules it loaded sit outside the collector's generations: a full
+    # collection would scan them every hundred-odd steps.
+    frozen = ray.get(replica.handle.__ray_call__.remote(
+        lambda self: __import__("gc").get_freeze_count()))
+    assert frozen > 10_000, frozen
+
+
 # ---- replicas of their own: a killed rank; cancelling the loop's first stream, then shutdown ---
 
 def _workers(handle) -> list:
