@@ -42,7 +42,7 @@ from pagedserve.cluster.output_streams import (
 )
 from pagedserve.cluster.placement import ensure_ray, remove_actor_groups
 from pagedserve.cluster.replica_report import ReplicaReport
-from pagedserve.cluster.step_loop import StepLoop, freeze_startup_heap, start_core
+from pagedserve.cluster.step_loop import StepLoop, freeze_startup_heap, quiet_ray_logs, start_core
 from pagedserve.config import EngineConfig
 from pagedserve.engine.core import EngineCoreRequest, EngineStats
 from pagedserve.errors import InvalidArgument, Unavailable
@@ -62,6 +62,7 @@ class Coordinator:
             raise InvalidArgument("Coordinator needs EngineConfig.model (a checkpoint "
                                   "directory on the cluster's nodes)")
         shorten_gil_switch_interval()
+        quiet_ray_logs()
         self.core = start_core(config)
         self.config = config
         self.unsubscribed_grace_s = unsubscribed_grace_s

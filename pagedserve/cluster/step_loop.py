@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -56,6 +57,14 @@ def start_core(config: EngineConfig) -> EngineCore:
         executor.shutdown()
         raise
     return core
+
+
+def quiet_ray_logs() -> None:
+    """In the coordinator's process: no warning at the first blocking get (Ray's, for an
+    asyncio actor whose loop it would stall; here only start-up and the step thread block,
+    never the loop), and no compiled-graph teardown steps at INFO on every rank rebuild."""
+    os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
+    logging.getLogger("ray.dag").setLevel(logging.WARNING)
 
 
 def freeze_startup_heap() -> None:
