@@ -25,7 +25,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,7 +39,8 @@ from pagedserve.cluster.output_streams import (
     num_sequences,
     until_end,
 )
-from pagedserve.cluster.placement import ensure_ray, remove_actor_groups
+from pagedserve.cluster.placement import remove_actor_groups
+from pagedserve.cluster.ray_startup import ensure_ray
 from pagedserve.cluster.replica_report import ReplicaReport
 from pagedserve.cluster.step_loop import StepLoop, freeze_startup_heap, quiet_ray_logs, start_core
 from pagedserve.config import EngineConfig
@@ -65,7 +65,6 @@ class Coordinator:
         quiet_ray_logs()
         self.core = start_core(config)
         self.config = config
-        self.unsubscribed_grace_s = unsubscribed_grace_s
         self.request_timer = RequestTimer()
         self._outputs = OutputStreams(self.request_timer, self._abort, unsubscribed_grace_s)
         self._lock = threading.Lock()
@@ -84,26 +83,6 @@ class Coordinator:
     @property
     def failure(self) -> BaseException | None:
         return self._steps.failure
-
-    @property
-    def _needs_ranks(self) -> bool:
-        return self._steps.needs_ranks
-
-    @property
-    def num_worker_restarts(self) -> int:
-        return self._steps.num_worker_restarts
-
-    @property
-    def num_steps(self) -> int:
-        return self._steps.num_steps
-
-    @property
-    def last_stats(self) -> EngineStats:
-        return self._steps.last_stats
-
-    @property
-    def recent_steps(self) -> deque[tuple[float, ...]]:
-        return self._steps.recent_steps
 
     @property
     def step_recorder(self) -> StepRecorder:

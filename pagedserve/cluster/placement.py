@@ -1,4 +1,5 @@
-"""Ray start-up and the placement of one replica's tensor-parallel ranks.
+"""The placement of one replica's tensor-parallel ranks (Ray is joined or started in
+`ray_startup.py`).
 
 A replica's ranks share one node (STRICT_PACK: their all-reduces need NVLink-class links); each
 rank is one bundle (a GPU and a CPU on GPU nodes, a CPU otherwise). Replicas spread across
@@ -19,12 +20,12 @@ ones before making its own, and whoever stops an actor for good removes the rest
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pagedserve.cluster.ray_startup import ensure_ray
 from pagedserve.config import EngineConfig
 from pagedserve.errors import InvalidArgument, ResourceExhausted
 
@@ -34,39 +35,6 @@ PLACEMENT_TIMEOUT_S = 120.0
 REPLICA_GROUP_PREFIX = "pagedserve-replica-"
 """Name prefix of replica placement groups: how `spread_target` counts them per node. An
 actor's groups go on with `<actor id>-<worker id>-`; a driver's with a random suffix only."""
-
-
-RAY_STARTUP_ATTEMPTS = 3
-"""Tries at starting a local Ray node: Ray gives a new raylet a fixed 30 s to register with its
-GCS, which a loaded 2-core machine (processes of a cluster that just stopped still exiting) has
-missed in CI."""
-
-
-def ensure_ray(num_cpus: int | None = None) -> Any:
-    """The `ray` module with a connection: the cluster RAY_ADDRESS names, else a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        start_ray(logging_level=logging.WARNING, num_cpus=num_cpus)
-    return ray
-
-
-def start_ray(**init_options: Any) -> Any:
-    """`ray.init(**init_options)`, tried again when a local node times out during startup."""
-    import ray
-
-    for attempt in range(1, RAY_STARTUP_ATTEMPTS):
-        try:
-            ray.init(**init_options)
-            return ray
-        except Exception as error:
-            if "timed out during startup" not in str(error):
-                raise
-            logger.warning("Ray start-up attempt %d timed out; trying again", attempt)
-            ray.shutdown()
-            time.sleep(2.0 * attempt)
-    ray.init(**init_options)
-    return ray
 
 
 def resolve_device(device: str, use_ray: bool) -> str:

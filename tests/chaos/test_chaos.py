@@ -45,9 +45,10 @@ REBUILDING_FAULTS = ("rank", "coordinator")
 
 
 def graph_buffers_bytes(ranks: int) -> int:
-    """Bytes a rebuilt compiled graph of `ranks` ranks leaves in the object store: one input
-    and one output channel per rank, GRAPH_STEPS_IN_FLIGHT buffers each, at Ray's initial
-    buffer size (the tiny model's steps never make a channel grow), plus headers."""
+    """Bytes a rebuilt compiled graph of `ranks` ranks leaves in the object store: its input
+    channel (which every rank reads) and one output channel per rank, GRAPH_STEPS_IN_FLIGHT
+    buffers each, at Ray's initial buffer size (the tiny model's steps never make a channel
+    grow), plus headers."""
     from ray.dag import DAGContext
 
     buffer = DAGContext.get_current().buffer_size_bytes

@@ -130,15 +130,19 @@ def test_a_restarted_actor_removes_only_the_group_of_its_earlier_incarnation(how
         assert group_state(new_group) == group_state(second_group) == "REMOVED"
         assert live_replica_groups() == {third_group: "CREATED", bystander_group: "CREATED",
                                          driver_group: "CREATED"}
-    finally:
         for actor in (victim, bystander):
             ray.kill(actor)
         driver_placement.release()
-    # Ray keeps the groups of an actor killed for good while this job runs: removed here, as
-    # stop_coordinator does.
-    assert live_replica_groups() == {third_group: "CREATED", bystander_group: "CREATED"}
-    assert remove_actor_groups(victim._actor_id.hex()) == 1
-    assert remove_actor_groups(bystander._actor_id.hex()) == 1
+        # Ray keeps the groups of an actor killed for good while this job runs: removed here,
+        # as stop_coordinator does.
+        assert live_replica_groups() == {third_group: "CREATED", bystander_group: "CREATED"}
+        assert remove_actor_groups(victim._actor_id.hex()) == 1
+        assert remove_actor_groups(bystander._actor_id.hex()) == 1
+    finally:
+        for actor in (victim, bystander):
+            ray.kill(actor)
+            remove_actor_groups(actor._actor_id.hex())  # whatever a failed check left
+        driver_placement.release()
     wait_for_no_replica_groups()
 
 

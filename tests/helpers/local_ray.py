@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagedserve.cluster.placement import start_ray
+from pagedserve.cluster.ray_startup import start_ray
 
 
 def start_local_ray(num_cpus: int) -> Any:

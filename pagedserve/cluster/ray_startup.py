@@ -1,0 +1,110 @@
+"""Connecting to Ray: the cluster RAY_ADDRESS names, or a new local node, started the one way
+pagedserve and its tests start one.
+
+Ray gives a new raylet a fixed 30 s to register with its GCS. A loaded 2-core machine (the
+processes of a cluster that just stopped still exiting) has missed that in CI, so a local start
+that times out is tried again. Ray keeps no handle on a node that failed to start
+(`ray.shutdown()` stops nothing of it), so before the next try the Ray processes that start
+left behind, descendants of this process, are stopped by pid: otherwise every failed try would
+leave a GCS, a raylet and their agents running, loading the machine the next try runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RAY_STARTUP_ATTEMPTS = 3
+STARTUP_TIMEOUT_MARK = "timed out during startup"
+"""What Ray's error says when a new node did not register in time."""
+STOP_WAIT_S = 5.0
+
+
+def ensure_ray(num_cpus: int | None = None) -> Any:
+    """The `ray` module with a connection: the cluster RAY_ADDRESS names, else a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        start_ray(logging_level=logging.WARNING, num_cpus=num_cpus)
+    return ray
+
+
+def start_ray(**init_options: Any) -> Any:
+    """`ray.init(**init_options)`, tried RAY_STARTUP_ATTEMPTS times in all when a local node
+    times out during start-up (what that try left running is stopped first); any other error
+    at once."""
+    import ray
+
+    for attempt in range(1, RAY_STARTUP_ATTEMPTS + 1):
+        before = ray_descendants()
+        try:
+            ray.init(**init_options)
+            return ray
+        except Exception as error:
+            if STARTUP_TIMEOUT_MARK not in str(error):
+                raise
+            ray.shutdown()
+            stop_processes(ray_descendants() - before)
+            if attempt == RAY_STARTUP_ATTEMPTS:
+                raise
+            logger.warning("Ray start-up attempt %d of %d timed out; trying again", attempt,
+                           RAY_STARTUP_ATTEMPTS)
+            time.sleep(2.0 * attempt)
+
+
+def ray_descendants() -> set[int]:
+    """Pids of the running Ray processes (command line naming ray) descending from this one;
+    empty where /proc is not there to read."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, bytes] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":
+            children.setdefault(int(parent), []).append(int(entry.name))
+    found, pending = set(), [os.getpid()]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return {pid for pid in found if b"ray" in commands.get(pid, b"")}
+
+
+def stop_processes(pids: set[int]) -> None:
+    """SIGTERM, then SIGKILL after STOP_WAIT_S for those still running; reaps our children."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while pids and time.monotonic() < deadline:
+            pids = {pid for pid in pids if _running(pid)}
+            time.sleep(0.05)
+        if not pids:
+            return
+    logger.warning("Ray processes %s did not stop", sorted(pids))
+
+
+def _running(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our child, exited and now reaped
+    except ChildProcessError:
+        pass  # not our child: its parent reaps it
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
