@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+DEFAULT_GC_THRESHOLD = gc.get_threshold()
 
+from pagedserve.cluster.coordinator_process import tune_collector  # noqa: E402
 from pagedserve.config import EngineConfig  # noqa: E402
 from pagedserve.engine.core import EngineCore, EngineCoreRequest  # noqa: E402
 from pagedserve.sampling_params import SamplingParams  # noqa: E402
@@ -97,23 +99,24 @@ def prefill(scheduler: Scheduler) -> None:
             return
 
 
-def settle_heap(freeze: bool) -> None:
-    """Collect what set-up left; with `freeze`, move every object alive now out of the
-    collector's sight (`gc.freeze`), as a coordinator does once started: full collections then
-    scan only what the steps themselves made."""
+def settle_heap(coordinator_gc: bool) -> None:
+    """Collect what set-up left, under Python's default collector settings; with
+    `coordinator_gc`, then as a coordinator runs its steps (`tune_collector`: young collections
+    spaced out, the start-up heap frozen out of full collections)."""
+    gc.set_threshold(*DEFAULT_GC_THRESHOLD)
     gc.unfreeze()
     gc.collect()
-    if freeze:
-        gc.freeze()
+    if coordinator_gc:
+        tune_collector()
 
 
 def time_scheduler(prompts: list[list[int]], overlap: bool, warmup: int, steps: int,
-                   clock, freeze: bool) -> dict:
+                   clock, coordinator_gc: bool) -> dict:
     scheduler = build_scheduler(prompts, max_tokens=warmup + steps + 64)
     prefill(scheduler)
     schedule_ms, update_ms = [], []
     in_flight = None
-    settle_heap(freeze)
+    settle_heap(coordinator_gc)
     for index in range(warmup + steps):
         t0 = clock()
         step = scheduler.schedule()
@@ -172,7 +175,7 @@ class FakeExecutor:
 
 
 def time_core(prompts: list[list[int]], overlap: bool, warmup: int, steps: int, clock,
-              freeze: bool) -> dict:
+              coordinator_gc: bool) -> dict:
     max_tokens = warmup + steps + 64
     executor = FakeExecutor(num_blocks_for(prompts, max_tokens))
     core = EngineCore(EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=8192,
@@ -188,7 +191,7 @@ def time_core(prompts: list[list[int]], overlap: bool, warmup: int, steps: int, 
         if step.num_batched_tokens == len(step.scheduled) == len(prompts):
             break
     schedule_ms, complete_ms = [], []
-    settle_heap(freeze)
+    settle_heap(coordinator_gc)
     for index in range(warmup + steps):
         t0 = clock()
         step = core.schedule()
@@ -232,8 +235,8 @@ def main() -> None:
     parser.add_argument("--skip-core", action="store_true", help="time the scheduler only")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: time.perf_counter; cpu: this thread's CPU time")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="gc.freeze() after set-up, as the coordinator does once started")
+    parser.add_argument("--coordinator-gc", action="store_true",
+                        help="the collector as a coordinator runs it (tune_collector)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"),
                                                        "scheduler_cost.json"))
     args = parser.parse_args()
@@ -244,17 +247,18 @@ def main() -> None:
     last_step = None
     for overlap in (False, True):
         mode = "overlap" if overlap else "sync"
-        timing = time_scheduler(prompts, overlap, args.warmup, args.steps, clock, args.gc_freeze)
+        timing = time_scheduler(prompts, overlap, args.warmup, args.steps, clock,
+                                args.coordinator_gc)
         last_step = timing.pop("last_step")
         rows[f"scheduler_{mode}"] = timing
         if not args.skip_core:
             rows[f"core_{mode}"] = time_core(prompts, overlap, args.warmup, args.steps, clock,
-                                             args.gc_freeze)
+                                             args.coordinator_gc)
     wire = time_pickle(last_step, args.pickle_repeats, clock)
 
     print(f"{args.num_seqs} decoding sequences, prompts ~{args.prompt_len} tokens, block size "
           f"{BLOCK_SIZE}, prefix caching on; {args.steps} timed steps after {args.warmup} "
-          f"({args.clock} clock{', start-up heap frozen' if args.gc_freeze else ''})")
+          f"({args.clock} clock{', collector as in a coordinator' if args.coordinator_gc else ''})")
     print(f"{'loop':<20}{'phase':<10}{'median ms':>11}{'p90 ms':>9}{'mean ms':>9}")
     for name, timing in rows.items():
         for phase, stats in timing.items():
@@ -268,7 +272,7 @@ def main() -> None:
 
     summary = {"num_seqs": args.num_seqs, "prompt_len": args.prompt_len,
                "block_size": BLOCK_SIZE, "warmup": args.warmup, "steps": args.steps,
-               "clock": args.clock, "gc_freeze": args.gc_freeze,
+               "clock": args.clock, "coordinator_gc": args.coordinator_gc,
                "python": sys.version.split()[0], "machine": os.uname().machine,
                "cpu_count": os.cpu_count(), **rows, "pickle": wire}
     path = Path(args.json)

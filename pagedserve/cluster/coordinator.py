@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pagedserve.cluster.coordinator_process import quiet_ray_logs, tune_collector
 from pagedserve.cluster.coordinator_server import SERVICE as COORDINATOR_SERVICE
 from pagedserve.cluster.coordinator_server import start_coordinator_server
 from pagedserve.cluster.grpc_common import set_serving
@@ -42,7 +43,7 @@ from pagedserve.cluster.output_streams import (
 from pagedserve.cluster.placement import remove_actor_groups
 from pagedserve.cluster.ray_startup import ensure_ray
 from pagedserve.cluster.replica_report import ReplicaReport
-from pagedserve.cluster.step_loop import StepLoop, freeze_startup_heap, quiet_ray_logs, start_core
+from pagedserve.cluster.step_loop import StepLoop, start_core
 from pagedserve.config import EngineConfig
 from pagedserve.engine.core import EngineCoreRequest, EngineStats
 from pagedserve.errors import InvalidArgument, Unavailable
@@ -76,7 +77,7 @@ class Coordinator:
         self._health = None
         self.grpc_address: str | None = None
         self._report = ReplicaReport(self.core, config, self._lock, self._steps, self._outputs)
-        freeze_startup_heap()
+        tune_collector()
 
     # ---- what the step thread keeps (read here, by the gRPC service and by tests) -------------
 

@@ -14,14 +14,13 @@ requeued and the thread starts new ranks in a new placement group; otherwise the
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
+from pagedserve.cluster.coordinator_process import tune_collector
 from pagedserve.cluster.output_streams import OutputStreams
 from pagedserve.cluster.placement import ReplicaPlacement, resolve_device
 from pagedserve.config import EngineConfig
@@ -57,23 +56,6 @@ def start_core(config: EngineConfig) -> EngineCore:
         executor.shutdown()
         raise
     return core
-
-
-def quiet_ray_logs() -> None:
-    """In the coordinator's process: no warning at the first blocking get (Ray's, for an
-    asyncio actor whose loop it would stall; here only start-up and the step thread block,
-    never the loop), and no compiled-graph teardown steps at INFO on every rank rebuild."""
-    os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
-    logging.getLogger("ray.dag").setLevel(logging.WARNING)
-
-
-def freeze_startup_heap() -> None:
-    """Keep what start-up made (the core, the modules of Ray, gRPC and the model's config) out
-    of the cyclic collector's sight, so that its full collections, every hundred-odd steps at
-    256 running, scan only what the steps made (`bench/scheduler_cost.py --gc-freeze`: mean
-    step 0.620 -> 0.468 ms for the core with overlap, medians unchanged)."""
-    gc.collect()
-    gc.freeze()
 
 
 class StepLoop:
@@ -253,9 +235,7 @@ class StepLoop:
                 continue
             self.needs_ranks = False
             self.num_worker_restarts += 1
-            # The lost ranks' executor was frozen with the start-up heap: collect it now.
-            gc.unfreeze()
-            freeze_startup_heap()
+            tune_collector()  # the lost ranks' executor was frozen with the start-up heap
             self._set_health(True)
             logger.warning("new ranks ready in %.1f s; %d restarts left",
                            time.monotonic() - began, self._restarts_left)

@@ -8,6 +8,7 @@ actor with nothing queued; the coordinator process never imports torch."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pagedserve.cluster.coordinator import start_coordinator, stop_coordinator
+from pagedserve.cluster.coordinator_process import GC_YOUNG_THRESHOLD
 from pagedserve.cluster.wire import RequestFailed
 from pagedserve.config import EngineConfig
 from pagedserve.engine.beam_search import BeamSearchOutput
@@ -457,12 +459,15 @@ def test_the_coordinator_process_never_imports_torch(replica):
 
 
 @pytest.mark.timeout(30)
-def test_the_coordinator_freezes_its_start_up_heap(replica):
-    # Its core and the modules it loaded sit outside the collector's generations: a full
-    # collection would scan them every hundred-odd steps.
-    frozen = ray.get(replica.handle.__ray_call__.remote(
-        lambda self: __import__("gc").get_freeze_count()))
+def test_the_coordinator_tunes_its_collector(replica):
+    # Its core and the modules it loaded sit outside the collector's generations (a full
+    # collection would scan them every hundred-odd steps), and young collections are spaced
+    # out; in its process only, never the driver's.
+    frozen, threshold = ray.get(replica.handle.__ray_call__.remote(
+        lambda self: (__import__("gc").get_freeze_count(), __import__("gc").get_threshold())))
     assert frozen > 10_000, frozen
+    assert threshold[0] == GC_YOUNG_THRESHOLD
+    assert gc.get_threshold()[0] != GC_YOUNG_THRESHOLD and gc.get_freeze_count() == 0
 
 
 # ---- replicas of their own: a killed rank; cancelling the loop's first stream, then shutdown ---
