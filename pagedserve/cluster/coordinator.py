@@ -279,4 +279,19 @@ def stop_coordinator(handle: Any, timeout_s: float = 30.0) -> None:
         logger.warning("coordinator already gone: %s", error)
     finally:
         ray.kill(handle)
+        # Only once the actor is dead can no incarnation of it make another group.
+        _wait_until_dead(ray, handle, timeout_s)
         remove_actor_groups(handle._actor_id.hex())
+
+
+def _wait_until_dead(ray: Any, handle: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=1.0)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue  # an incarnation still starting: the kill reaches it next
+        time.sleep(0.05)
+    logger.warning("coordinator still alive %.0f s after it was killed", timeout_s)
