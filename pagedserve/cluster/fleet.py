@@ -32,6 +32,7 @@ from pagedserve.cluster.fleet_discovery import (
     replica_number,
 )
 from pagedserve.cluster.grpc_common import CHANNEL_OPTIONS
+from pagedserve.cluster.ray_startup import start_ray
 from pagedserve.protos.v1 import coordinator_pb2_grpc
 from pagedserve.protos.v1 import generation_pb2 as pb
 
@@ -84,7 +85,7 @@ class Fleet:
         import ray
 
         if not ray.is_initialized():
-            await asyncio.to_thread(ray.init, address=self.options.ray_address,
+            await asyncio.to_thread(start_ray, address=self.options.ray_address,
                                     namespace=self.namespace, logging_level=logging.WARNING)
             self._started_ray = self.options.ray_address is None
         # Joined clusters: None lets each coordinator bind its own node's address.

@@ -40,6 +40,7 @@ from pagedserve.cluster.grpc_common import (
     add_servicer,
     set_serving,
 )
+from pagedserve.cluster.ray_startup import start_ray
 from pagedserve.cluster.replica_client import ReplicaClient
 from pagedserve.cluster.router import RoutingConfig
 from pagedserve.config import EngineConfig
@@ -180,7 +181,7 @@ class Server:
         credentials = server_credentials(options.tls_cert, options.tls_key,
                                          options.tls_client_ca)
         if not ray.is_initialized():
-            await asyncio.to_thread(ray.init, address=options.ray_address,
+            await asyncio.to_thread(start_ray, address=options.ray_address,
                                     logging_level=logging.WARNING)
             self._started_ray = options.ray_address is None
         # Joined clusters: None lets each coordinator bind its own node's address (this process

@@ -1,12 +1,14 @@
 """Connecting to Ray: the cluster RAY_ADDRESS names, or a new local node, started the one way
 pagedserve and its tests start one.
 
-Ray gives a new raylet a fixed 30 s to register with its GCS. A loaded 2-core machine (the
-processes of a cluster that just stopped still exiting) has missed that in CI, so a local start
-that times out is tried again. Ray keeps no handle on a node that failed to start
-(`ray.shutdown()` stops nothing of it), so before the next try the Ray processes that start
-left behind, descendants of this process, are stopped by pid: otherwise every failed try would
-leave a GCS, a raylet and their agents running, loading the machine the next try runs on.
+Ray gives a new GCS 30 s to write its port file and a new raylet a fixed 30 s to register with
+the GCS. A loaded 2-core machine (the processes of a cluster that just stopped still exiting)
+has missed both in CI, so the GCS gets GCS_PORT_WAIT_S (unless RAY_gcs_server_port_wait_time_s
+says otherwise) and a local start that times out is tried again. Ray keeps no handle on a node
+that failed to start (`ray.shutdown()` stops nothing of it), so before the next try the Ray
+processes that start left behind, descendants of this process, are stopped by pid: otherwise
+every failed try would leave a GCS, a raylet and their agents running, loading the machine the
+next try runs on.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 RAY_STARTUP_ATTEMPTS = 3
-STARTUP_TIMEOUT_MARK = "timed out during startup"
-"""What Ray's error says when a new node did not register in time."""
+STARTUP_TIMEOUT_MARKS = ("timed out during startup", "Timed out waiting for file")
+"""What Ray's errors say when a new raylet did not register in time, or a new GCS did not
+write its port file in time."""
+GCS_PORT_WAIT_S = 120
+GCS_PORT_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
 STOP_WAIT_S = 5.0
 
 
@@ -42,13 +47,14 @@ def start_ray(**init_options: Any) -> Any:
     at once."""
     import ray
 
+    os.environ.setdefault(GCS_PORT_WAIT_ENV, str(GCS_PORT_WAIT_S))
     for attempt in range(1, RAY_STARTUP_ATTEMPTS + 1):
         before = ray_descendants()
         try:
             ray.init(**init_options)
             return ray
         except Exception as error:
-            if STARTUP_TIMEOUT_MARK not in str(error):
+            if not any(mark in str(error) for mark in STARTUP_TIMEOUT_MARKS):
                 raise
             ray.shutdown()
             stop_processes(ray_descendants() - before)

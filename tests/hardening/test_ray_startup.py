@@ -4,6 +4,7 @@ the last timeout is not swallowed."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -44,8 +45,11 @@ def scripted(monkeypatch):
     return install
 
 
+GCS_PORT_TIMEOUT = RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y")
+
+
 def test_a_startup_timeout_is_tried_again_with_the_same_options(scripted):
-    script = scripted([TIMEOUT, TIMEOUT])
+    script = scripted([TIMEOUT, GCS_PORT_TIMEOUT])
     assert ray_startup.start_ray(address="local", num_cpus=3) is ray
     assert script.calls == [{"address": "local", "num_cpus": 3}] * 3
     assert script.shutdowns == 2
@@ -56,6 +60,17 @@ def test_the_last_timeout_reaches_the_caller(scripted):
     with pytest.raises(Exception, match="timed out during startup"):
         ray_startup.start_ray(num_cpus=1)
     assert len(script.calls) == ray_startup.RAY_STARTUP_ATTEMPTS
+
+
+def test_the_gcs_gets_longer_to_start_unless_the_environment_says(scripted, monkeypatch):
+    variable = ray_startup.GCS_PORT_WAIT_ENV
+    monkeypatch.delenv(variable, raising=False)
+    scripted([])
+    ray_startup.start_ray(num_cpus=1)
+    assert os.environ[variable] == str(ray_startup.GCS_PORT_WAIT_S)
+    monkeypatch.setenv(variable, "7")
+    ray_startup.start_ray(num_cpus=1)
+    assert os.environ[variable] == "7"
 
 
 def test_other_errors_are_not_retried(scripted):
