@@ -69,23 +69,33 @@ def ray_descendants() -> set[int]:
     """Pids of the running Ray processes (command line naming ray) descending from this one;
     empty where /proc is not there to read."""
     children: dict[int, list[int]] = {}
-    commands: dict[int, bytes] = {}
     for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-        state, parent = stat.rsplit(")", 1)[1].split()[:2]
-        if state != "Z":
-            children.setdefault(int(parent), []).append(int(entry.name))
+        state, parent = _state_and_parent(int(entry.name))
+        if state not in (None, "Z"):
+            children.setdefault(parent, []).append(int(entry.name))
     found, pending = set(), [os.getpid()]
     while pending:
         for child in children.get(pending.pop(), []):
             if child not in found:
                 found.add(child)
                 pending.append(child)
-    return {pid for pid in found if b"ray" in commands.get(pid, b"")}
+    return {pid for pid in found if b"ray" in _command_line(pid)}
+
+
+def _state_and_parent(pid: int) -> tuple[str | None, int]:
+    """The process's state letter and parent pid from /proc; (None, 0) once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None, 0
+    return fields[0], int(fields[1])
+
+
+def _command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def stop_processes(pids: set[int]) -> None:
@@ -109,8 +119,4 @@ def _running(pid: int) -> bool:
             return False  # our child, exited and now reaped
     except ChildProcessError:
         pass  # not our child: its parent reaps it
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return _state_and_parent(pid)[0] not in (None, "Z")
