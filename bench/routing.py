@@ -202,13 +202,11 @@ def per_round_ratios(runs: dict) -> dict:
     if "prefix_affinity" not in runs or "round_robin" not in runs:
         return {}
 
-    def throughput(run: dict) -> float:
-        return run["output_tokens"] / run["duration_s"]
-
     ratios_by_workload = {}
     for name in ("shared", "control"):
         pairs = zip(runs["prefix_affinity"][name], runs["round_robin"][name], strict=True)
-        each = [throughput(affinity) / throughput(robin) for affinity, robin in pairs]
+        each = [affinity["output_throughput"] / robin["output_throughput"]
+                for affinity, robin in pairs]
         ratios_by_workload[name] = {"rounds": each, "median": statistics.median(each)}
     return ratios_by_workload
 
