@@ -105,9 +105,10 @@ def settle_heap(coordinator_gc: bool) -> None:
     spaced out, the start-up heap frozen out of full collections)."""
     gc.set_threshold(*DEFAULT_GC_THRESHOLD)
     gc.unfreeze()
-    gc.collect()
     if coordinator_gc:
-        tune_collector()
+        tune_collector()  # collects, then freezes
+    else:
+        gc.collect()
 
 
 def time_scheduler(prompts: list[list[int]], overlap: bool, warmup: int, steps: int,
