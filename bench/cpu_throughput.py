@@ -216,7 +216,7 @@ def matmul_seconds(config, dtype: torch.dtype, prompt_tokens: int, num_prompts: 
     lm_head = torch.randn(config.vocab_size, config.hidden_size, generator=generator,
                           dtype=dtype)
     paths = {"F.linear": (torch.nn.functional.linear, lambda weight: weight)}
-    if cpu_packing_available():
+    if cpu_packing_available(dtype):
         paths["oneDNN packed"] = (
             lambda x, weight: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""),
             lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight, None))

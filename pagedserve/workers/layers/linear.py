@@ -50,11 +50,22 @@ def _parameter(*shape: int, loader) -> nn.Parameter:
 
 
 @functools.cache
-def cpu_packing_available() -> bool:
-    """Whether this torch build has oneDNN's prepacked linear (x86 and Arm builds do)."""
+def cpu_packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU run oneDNN's prepacked linear for `dtype` (x86 and Arm
+    builds have it; bf16 also needs AVX-512 or AVX-NE-CONVERT, which a probe finds out)."""
     mkldnn = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
-            and hasattr(mkldnn, "_linear_pointwise"))
+    if dtype not in _PACKED_DTYPES or not (
+            torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        weight = torch.ones(8, 8, dtype=dtype)
+        packed = mkldnn._reorder_linear_weight(weight, None)
+        mkldnn._linear_pointwise(torch.ones(4, 8, dtype=dtype), packed, None, "none", [], "")
+    except RuntimeError as error:
+        logger.info("no prepacked CPU linears for %s: %s", dtype, error)
+        return False
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -71,17 +82,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def pack_weights_for_cpu(model: nn.Module) -> int:
     """Give every fp32 or bf16 CPU layer of `model` that has a `packed_weight` slot and at least
     `CPU_PACKED_MIN_ELEMENTS` weights a oneDNN-prepacked copy of its weight; returns the bytes
-    packed (0 when oneDNN is missing or the copies would not fit comfortably in host memory).
+    packed (0 when oneDNN cannot run the layers' dtype here or the copies would not fit
+    comfortably in host memory).
 
     The copies are a snapshot: call this once the weights are final (the worker does, after
     loading) and not again after changing weights in place. A layer whose weight is moved off
     the CPU or changes dtype stops using its copy (see `packed_weight_for`).
     """
-    if not cpu_packing_available():
-        return 0
     layers = [module for module in model.modules() if hasattr(module, "packed_weight")
-              and module.weight.device.type == "cpu" and module.weight.dtype in _PACKED_DTYPES
-              and module.weight.numel() >= CPU_PACKED_MIN_ELEMENTS]
+              and module.weight.device.type == "cpu"
+              and module.weight.numel() >= CPU_PACKED_MIN_ELEMENTS
+              and cpu_packing_available(module.weight.dtype)]
     total = sum(module.weight.numel() * module.weight.element_size() for module in layers)
     host = available_host_memory()
     if host is not None and total > _CPU_PACKING_MEMORY_SHARE * host:
