@@ -53,6 +53,9 @@ class KVCacheManager:
         self.cpu_block_tables: dict[str, list[int]] = {}
         self.num_hashed_blocks: dict[str, int] = {}
         """Request id -> how many of its leading blocks are indexed in the prefix cache."""
+        self.newly_cached: list[int] = []
+        """Blocks indexed since the scheduler last took this list (see
+        SchedulerOutput.cached_block_ids)."""
 
     # ---- prefix cache -------------------------------------------------------------------
 
@@ -105,6 +108,7 @@ class KVCacheManager:
         self._extend_hashes(request, num_full * self.block_size)
         for index in range(done, num_full):
             self.pool.cache(table[index], request.block_hashes[index])
+            self.newly_cached.append(table[index])
         self.num_hashed_blocks[request.request_id] = num_full
 
     # ---- allocation ---------------------------------------------------------------------

@@ -33,8 +33,6 @@ class ScheduledRequest:
     table_start: int
     """The worker's block table for this request becomes table[:table_start] + table_blocks."""
     table_blocks: list[int]
-    slot_mapping: list[int]
-    """KV cache slot (block id * block size + offset) of each token in token_ids."""
     sample: bool
     """Whether this step's last token yields a sampled token (the request caught up)."""
     new_request: NewRequestData | None = None
@@ -69,6 +67,10 @@ class SchedulerOutput:
     returns its own result (after the previous step's, if that one overlapped)."""
     step_id: int = 0
     """Set by the engine core; the ranks' results name it (a result may come a call later)."""
+    cached_block_ids: list[int] = field(default_factory=list, repr=False)
+    """Blocks that became prefix-cache entries since the previous step was scheduled (this
+    step's scheduling included): the step's KV writes, or the one in flight before it, may be
+    what fills them, so they are forgotten if either fails. Not sent to the ranks."""
     requests: list = field(default_factory=list, repr=False)
     """The scheduler's Request behind each scheduled item, so that a result arriving after the
     next step was scheduled finds the same request and not a new one under a reused id. It
@@ -83,23 +85,22 @@ class SchedulerOutput:
     def __getstate__(self) -> dict:
         items = self.scheduled
         state = dict(self.__dict__)
-        del state["requests"]
+        del state["requests"], state["cached_block_ids"]
         state["scheduled"] = (
             [i.request_id for i in items], [i.token_ids for i in items],
             [i.start_position for i in items], [i.table_start for i in items],
-            [i.table_blocks for i in items], [i.slot_mapping for i in items],
-            [i.sample for i in items],
+            [i.table_blocks for i in items], [i.sample for i in items],
             {index: i.new_request for index, i in enumerate(items) if i.new_request is not None})
         return state
 
     def __setstate__(self, state: dict) -> None:
-        ids, tokens, starts, table_starts, blocks, slots, samples, new = state["scheduled"]
+        ids, tokens, starts, table_starts, blocks, samples, new = state["scheduled"]
         state["scheduled"] = [
             ScheduledRequest(*row) for row in zip(ids, tokens, starts, table_starts, blocks,
-                                                  slots, samples, strict=True)]
+                                                  samples, strict=True)]
         for index, data in new.items():
             state["scheduled"][index].new_request = data
-        state["requests"] = []
+        state["requests"], state["cached_block_ids"] = [], []
         self.__dict__.update(state)
 
 

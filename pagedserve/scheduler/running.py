@@ -73,8 +73,7 @@ def schedule_running(state: SchedulerState, out: SchedulerOutput,
                 request.num_pending_tokens = pending + 1
                 add_request(request)
                 add_item(ScheduledRequest(request_id, [token_id], computed, table_start,
-                                          new_blocks, [table[block_index] * size + offset],
-                                          True, None))
+                                          new_blocks, True, None))
                 num_decodes += 1
                 budget -= 1
                 room -= 1

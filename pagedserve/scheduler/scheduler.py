@@ -134,6 +134,7 @@ class Scheduler(SchedulerState):
             admission.admit_waiting(self, out, budget)
         out.forgotten_request_ids = self._forgotten
         self._forgotten = []
+        out.cached_block_ids, self.kv.newly_cached = self.kv.newly_cached, []
         return out
 
     # ---- after the model ran --------------------------------------------------------------
@@ -202,12 +203,10 @@ class Scheduler(SchedulerState):
         preemption.requeue_all_for_recompute(self)
 
     def forget_unwritten_blocks(self, out: SchedulerOutput) -> None:
-        """After `out` failed on the ranks: drop the prefix-cache entries of the blocks it was
-        to write (their KV may never have been computed)."""
-        size = self.kv.block_size
-        for item in out.scheduled:
-            for block_id in {slot // size for slot in item.slot_mapping}:
-                self.kv.pool.uncache(block_id)
+        """After `out` failed on the ranks: drop the prefix-cache entries that may need its KV
+        writes (`SchedulerOutput.cached_block_ids`; their KV may never have been computed)."""
+        for block_id in out.cached_block_ids:
+            self.kv.pool.uncache(block_id)
 
     # ---- beam search ----------------------------------------------------------------------
 

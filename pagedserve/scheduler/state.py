@@ -140,12 +140,6 @@ class SchedulerState:
             update = TableUpdate(0, list(table), update.copies)
             new_data = NewRequestData(list(request.prompt_token_ids),
                                       list(request.output_token_ids), request.sampling_params)
-        table = self.kv.block_tables[request_id]
-        size = self.kv.block_size
-        if num_new == 1:
-            slots = [table[start // size] * size + start % size]
-        else:
-            slots = [table[p // size] * size + p % size for p in range(start, start + num_new)]
         end = start + num_new
         known = min(end, request.num_tokens)
         token_ids = request.token_ids(start, known)
@@ -163,7 +157,7 @@ class SchedulerState:
         out.requests.append(request)
         # Positional arguments: keywords make this construction about twice as slow.
         out.scheduled.append(ScheduledRequest(request_id, token_ids, start, update.start,
-                                              update.block_ids, slots, sample, new_data))
+                                              update.block_ids, sample, new_data))
         if update.copies:
             out.blocks_to_copy.extend(update.copies)
         out.num_batched_tokens += num_new

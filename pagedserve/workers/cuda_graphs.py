@@ -10,13 +10,10 @@ length = max_model_len), so one graph serves every decode batch of its size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
-from pagedserve.scheduler.output import SchedulerOutput
 from pagedserve.workers.layers.attention import AttentionMetadata, KVCache
-from pagedserve.workers.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -80,31 +77,22 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.max_batch
 
-    def run(self, step: SchedulerOutput, tables: list[list[int]],
-            fill_placeholders: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Replay the smallest graph that holds this decode batch; hidden states [n, H].
-        `fill_placeholders` writes the device-side ids of placeholder tokens into the inputs."""
-        count = len(step.scheduled)
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            metadata: AttentionMetadata) -> torch.Tensor:
+        """Replay the smallest graph that holds this decode batch (one token per sequence,
+        inputs on the device); hidden states [n, H]. Rows past the batch are padding: slot -1
+        (no KV write) and context length 1; their stale ids, positions and tables are valid
+        values whose results are dropped."""
+        count = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= count)
-        padding = size - count
-        items = step.scheduled
-        # One host-to-device copy for the four per-token rows (pads: token 0, position 0,
-        # slot -1 so nothing is written, context length 1).
-        rows = to_device(
-            [item.token_ids[0] for item in items] + [0] * padding
-            + [item.start_position for item in items] + [0] * padding
-            + [item.slot_mapping[0] for item in items] + [-1] * padding
-            + [item.seq_len for item in items] + [1] * padding,
-            torch.int64, self.input_ids.device).view(4, size)
-        self.input_ids[:size].copy_(rows[0])
-        self.positions[:size].copy_(rows[1])
-        self.slot_mapping[:size].copy_(rows[2])
-        self.seq_lens[:size].copy_(rows[3])
-        if fill_placeholders is not None:
-            fill_placeholders(self.input_ids[:count])
-        width = max(len(t) for t in tables)
-        table_rows = to_device([t + [0] * (width - len(t)) for t in tables], torch.int32,
-                               self.block_tables.device)
-        self.block_tables[:count, :width].copy_(table_rows)
+        self.input_ids[:count].copy_(input_ids)
+        self.positions[:count].copy_(positions)
+        self.slot_mapping[:count].copy_(metadata.slot_mapping)
+        self.seq_lens[:count].copy_(metadata.seq_lens)
+        if size > count:
+            self.slot_mapping[count:size].fill_(-1)
+            self.seq_lens[count:size].fill_(1)
+        width = metadata.block_tables.shape[1]
+        self.block_tables[:count, :width].copy_(metadata.block_tables)
         self.graphs[size].replay()
         return self.outputs[size][:count]

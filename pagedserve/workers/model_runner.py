@@ -1,9 +1,11 @@
 """Turns one SchedulerOutput into tensors, runs the model over the paged KV pool, samples.
 
-The worker keeps each request's block table and token history, updated from the deltas the
-scheduler sends, so a decode step ships one token and at most one block id per request. Block
-moves (swap out, swap in, copy-on-write) run before the forward, in that order. An overlapped
-step returns before its sampled ids reach the host: they stay on the device to fill the next
+The worker keeps each request's token history, and its block table as a persistent device row
+(`BlockTableRows`), both updated from the deltas the scheduler sends, so a decode step ships one
+token and at most one block id per request. Positions and KV slots are derived on the device
+from the rows and each sequence's start and length, never shipped per token. Block moves (swap
+out, swap in, copy-on-write) run before the forward, in that order. An overlapped step returns
+before its sampled ids reach the host: they stay on the device to fill the next
 step's placeholder tokens, and their host copies are read (and returned) during that next step,
 once its forward is queued.
 """
@@ -27,10 +29,12 @@ from pagedserve.scheduler.output import (
     StepResult,
     TokenLogprobs,
 )
+from pagedserve.workers.block_table_rows import BlockTableRows
 from pagedserve.workers.cuda_graphs import DecodeGraphs
-from pagedserve.workers.layers.attention import AttentionMetadata, KVCache
+from pagedserve.workers.layers.attention import KVCache
 from pagedserve.workers.sampler import LogprobsTensors, compute_prompt_logprobs, sample
 from pagedserve.workers.sampling_batch import SamplingBatch, SamplingRequest
+from pagedserve.workers.step_inputs import build_step_inputs
 from pagedserve.workers.transfer import to_device
 
 
@@ -39,7 +43,6 @@ class _RequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     params: SamplingParams
-    block_table: list[int]
 
 
 def conflict_free_waves(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -95,6 +98,7 @@ class ModelRunner:
         self.is_driver = model.tp.is_first_rank
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.states: dict[str, _RequestState] = {}
+        self.block_tables = BlockTableRows(self.device, -(-max_model_len // block_size))
         self._in_flight: _PendingResult | None = None
         """The overlapped step whose result goes back with the next call."""
         self._sampled_ids: torch.Tensor | None = None
@@ -118,10 +122,8 @@ class ModelRunner:
                 data = item.new_request
                 self.states[item.request_id] = _RequestState(
                     list(data.prompt_token_ids), list(data.output_token_ids),
-                    data.sampling_params, [])
-            table = self.states[item.request_id].block_table
-            del table[item.table_start:]
-            table.extend(item.table_blocks)
+                    data.sampling_params)
+        self.block_tables.apply(step)
 
     def _move_blocks(self, step: SchedulerOutput) -> None:
         on_gpu = self.device.type == "cuda"
@@ -141,41 +143,6 @@ class ModelRunner:
         for wave in conflict_free_waves(step.blocks_to_copy):
             mapping = to_device(wave, torch.int64, self.device)
             copy([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], mapping)
-
-    # ---- inputs -------------------------------------------------------------------------
-
-    def _prepare(self, step: SchedulerOutput):
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        for item in step.scheduled:
-            input_ids.extend(item.token_ids)
-            start = item.start_position
-            positions.extend(range(start, start + item.num_tokens))
-            slots.extend(item.slot_mapping)
-            query_start_loc.append(query_start_loc[-1] + item.num_tokens)
-            seq_lens.append(item.seq_len)
-            tables.append(self.states[item.request_id].block_table)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        device = self.device
-
-        def tensor(values, dtype):
-            return to_device(values, dtype, device)
-
-        metadata = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(padded, torch.int32),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            max_query_len=max(item.num_tokens for item in step.scheduled),
-            max_seq_len=max(seq_lens),
-        )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata, \
-            query_start_loc
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -223,17 +190,17 @@ class ModelRunner:
 
     def _forward(self, step: SchedulerOutput, pending: _PendingResult):
         """Queue the forward (and prompt logprobs); returns logits of the rows that sample."""
+        inputs = build_step_inputs(step, self.block_tables, self.block_size, self.device)
         fill = self._placeholder_filler(step)
-        is_decode = all(item.num_tokens == 1 for item in step.scheduled)
+        if fill is not None:
+            fill(inputs.input_ids)
+        query_start_loc = inputs.query_start_loc
+        is_decode = inputs.metadata.max_query_len == 1
         if self.graphs is not None and is_decode and self.graphs.fits(len(step.scheduled)):
-            tables = [self.states[item.request_id].block_table for item in step.scheduled]
-            hidden = self.graphs.run(step, tables, fill)
-            query_start_loc = list(range(len(step.scheduled) + 1))
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
         else:
-            input_ids, positions, metadata, query_start_loc = self._prepare(step)
-            if fill is not None:
-                fill(input_ids)
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                                inputs.metadata)
         sample_rows = [i for i, item in enumerate(step.scheduled) if item.sample]
         prompt_rows = [i for i, item in enumerate(step.scheduled)
                        if self.states[item.request_id].params.prompt_logprobs is not None

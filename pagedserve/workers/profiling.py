@@ -17,15 +17,15 @@ GIB = 1 << 30
 
 
 def _profile_step(num_tokens: int, num_seqs: int, block_size: int) -> SchedulerOutput:
-    """A step of `num_tokens` prefill tokens over `num_seqs` sequences writing nowhere."""
+    """A step of `num_tokens` prefill tokens over `num_seqs` sequences whose tables all name
+    block 0."""
     step = SchedulerOutput()
     per_seq = max(1, num_tokens // num_seqs)
     for index in range(num_seqs):
         count = per_seq if index < num_seqs - 1 else max(1, num_tokens - per_seq * index)
         step.scheduled.append(ScheduledRequest(
             request_id=f"profile-{index}", token_ids=[0] * count, start_position=0,
-            table_start=0, table_blocks=[0] * (-(-count // block_size)),
-            slot_mapping=[-1] * count, sample=True,
+            table_start=0, table_blocks=[0] * (-(-count // block_size)), sample=True,
             new_request=NewRequestData([0] * count, [], SamplingParams(temperature=1.0,
                                                                         top_p=0.9, top_k=50))))
     return step
@@ -40,8 +40,8 @@ def profile_kv_cache_bytes(model: torch.nn.Module, hf_config: Any, dtype: torch.
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     weights = torch.cuda.memory_allocated(device)
-    # One block in all is enough: every table points at it and every slot is -1, so the
-    # profile step reads it but never writes.
+    # One block in all is enough: every table points at it, so the profile step reads and
+    # writes only that block (its contents are thrown away with it).
     caches = allocate_kv_cache_for_config(hf_config, 1, block_size, dtype, device, tp_size)
     runner = ModelRunner(model, caches, block_size, max_num_batched_tokens)
     runner.execute(_profile_step(max_num_batched_tokens, min(max_num_seqs,

@@ -216,3 +216,18 @@ def test_rejects_bad_arguments():
     big = torch.zeros(1, 8, 1, 512)
     with pytest.raises(ValueError, match="unsupported head_dim 512"):
         paged_attention(torch.zeros(1, 1, 512), big, big, *batch.args()[3:], **batch.kwargs())
+
+
+def test_launch_configuration_is_computed_once_per_step_shape():
+    from pagedserve.kernels.paged_attention import select_config
+
+    sizes = dict(num_seqs=3, num_kv_heads=2, group_size=4, head_dim=64, max_query_len=40,
+                 max_seq_len=900, device=torch.device("cpu"))
+    select_config.cache_clear()
+    first = select_config(**sizes)
+    assert select_config(**sizes) is first  # the other layers of the step
+    assert select_config.cache_info().hits == 1
+    decode = select_config(**{**sizes, "max_query_len": 1})
+    assert decode != first and select_config.cache_info().misses == 2
+    with pytest.raises(ValueError, match="num_kv_splits must be >= 1"):
+        select_config(**sizes, num_kv_splits=0)

@@ -85,11 +85,10 @@ class FakeWorker:
         assert out.num_batched_tokens == sum(item.num_tokens for item in out.scheduled)
         for item in out.scheduled:
             table = self.tables[item.request_id]
-            assert len(item.slot_mapping) == len(item.token_ids)
-            for offset, (token, slot) in enumerate(zip(item.token_ids, item.slot_mapping,
-                                                       strict=True)):
+            for offset, token in enumerate(item.token_ids):
                 position = item.start_position + offset
-                assert slot == table[position // size] * size + position % size
+                assert position // size < len(table), f"{item.request_id} has no block there"
+                slot = table[position // size] * size + position % size  # the ranks' rule
                 if token == PLACEHOLDER_TOKEN_ID:
                     assert offset == len(item.token_ids) - 1, "placeholder before the last token"
                     token = self.last_sampled[item.request_id]

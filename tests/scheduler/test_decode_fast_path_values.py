@@ -32,13 +32,12 @@ def test_a_decode_that_starts_a_block_takes_the_next_free_block_in_pool_order():
     assert scheduler.kv.block_tables == {"a": [0, 1], "b": [2, 3]}
     out = scheduler.schedule()
     assert [(i.request_id, i.token_ids, i.start_position, i.table_start, i.table_blocks,
-             i.slot_mapping, i.sample) for i in out.scheduled] == [
-        ("a", [9], 7, 2, [], [7], True), ("b", [9], 7, 2, [], [15], True)]
+             i.sample) for i in out.scheduled] == [
+        ("a", [9], 7, 2, [], True), ("b", [9], 7, 2, [], True)]
     scheduler.update(out, {"a": 10, "b": 10})
     out = scheduler.schedule()  # both start their third block: 4 then 5
-    assert [(i.request_id, i.token_ids, i.start_position, i.table_start, i.table_blocks,
-             i.slot_mapping) for i in out.scheduled] == [
-        ("a", [10], 8, 2, [4], [16]), ("b", [10], 8, 2, [5], [20])]
+    assert [(i.request_id, i.token_ids, i.start_position, i.table_start, i.table_blocks)
+            for i in out.scheduled] == [("a", [10], 8, 2, [4]), ("b", [10], 8, 2, [5])]
     assert scheduler.kv.block_tables == {"a": [0, 1, 4], "b": [2, 3, 5]}
     assert scheduler.kv.pool.free_block_ids() == []
 
@@ -70,7 +69,7 @@ def test_a_decode_with_no_free_block_preempts_the_newest_as_the_general_path_doe
     scheduler.update(out, {"a": 10, "b": 10})
     out = scheduler.schedule()  # "a" needs a third block; none is free: "b" (newest) goes
     assert [i.request_id for i in out.scheduled] == ["a"]
-    assert out.scheduled[0].table_blocks == [3] and out.scheduled[0].slot_mapping == [12]
+    assert out.scheduled[0].table_blocks == [3] and out.scheduled[0].start_position == 8
     assert [r.request_id for r in scheduler.waiting] == ["b"]
     assert scheduler.num_preemptions == 1 and scheduler.requests["b"].num_computed_tokens == 0
 
@@ -79,8 +78,8 @@ def test_a_decode_into_a_shared_partial_block_copies_it_first():
     scheduler = decoding(8, {"p": [1, 2, 3, 4, 5]})  # 5 + 1 tokens: block 1 half full
     scheduler.fork_sequence("p", "p/b", [9])
     out = scheduler.schedule()
-    assert [(i.request_id, i.table_start, i.table_blocks, i.slot_mapping)
-            for i in out.scheduled] == [("p", 1, [2], [9]), ("p/b", 0, [0, 1], [5])]
+    assert [(i.request_id, i.start_position, i.table_start, i.table_blocks)
+            for i in out.scheduled] == [("p", 5, 1, [2]), ("p/b", 5, 0, [0, 1])]
     assert out.blocks_to_copy == [(1, 2)]
 
 

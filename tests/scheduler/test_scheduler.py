@@ -35,8 +35,8 @@ def step(s: Scheduler, token: int = 1):
 
 
 def brief(out):
-    return [(i.request_id, i.start_position, i.table_start, i.table_blocks, i.slot_mapping,
-             i.sample) for i in out.scheduled]
+    return [(i.request_id, i.start_position, i.table_start, i.table_blocks, i.sample)
+            for i in out.scheduled]
 
 
 P10 = list(range(100, 110))
@@ -49,7 +49,7 @@ def test_prefix_hit_across_requests_reuses_exact_blocks():
     s = make(gpu=16)
     a = add(s, "a", P10, max_tokens=1)
     out = step(s, token=50)
-    assert brief(out) == [("a", 0, 0, [0, 1, 2], list(range(10)), True)]
+    assert brief(out) == [("a", 0, 0, [0, 1, 2], True)]
     assert a.finish_reason is FinishReason.LENGTH and a.num_cached_tokens == 0
     assert s.kv.pool.free_block_ids()[-3:] == [2, 1, 0]
     assert s.kv.pool.num_cached_free_blocks == 2  # blocks 0, 1 (full and computed)
@@ -59,7 +59,7 @@ def test_prefix_hit_across_requests_reuses_exact_blocks():
     assert b.num_cached_tokens == 8
     (item,) = out.scheduled
     assert item.token_ids == [77, 78, 79] and item.start_position == 8
-    assert (item.table_start, item.table_blocks, item.slot_mapping) == (0, [0, 1, 3], [12, 13, 14])
+    assert (item.table_start, item.table_blocks) == (0, [0, 1, 3])
     assert out.num_batched_tokens == 3
 
     c = add(s, "c", P10[:8], max_tokens=1)  # prompt ends on a block boundary
@@ -83,7 +83,7 @@ def test_prefix_hit_while_first_request_still_runs_shares_blocks():
     step(s)  # a computed 8 tokens: blocks 0, 1 cached at update
     b = add(s, "b", P10[:8] + [1, 2], max_tokens=5)
     out = step(s)
-    assert brief(out) == [("a", 8, 2, [2], [8], True), ("b", 8, 0, [0, 1, 3], [12, 13], True)]
+    assert brief(out) == [("a", 8, 2, [2], True), ("b", 8, 0, [0, 1, 3], True)]
     assert b.num_cached_tokens == 8
     assert s.kv.pool.ref_counts[:4] == [2, 2, 1, 1]
 
@@ -123,7 +123,7 @@ def test_parallel_sampling_forks_after_prefill_of_all_but_last_token():
     prompt = [5, 6, 7, 8, 9, 10, 11]
     add(s, "p", prompt, n=3, seed=10, max_tokens=3)
     out = step(s)
-    assert brief(out) == [("p", 0, 0, [0, 1], [0, 1, 2, 3, 4, 5], False)]
+    assert brief(out) == [("p", 0, 0, [0, 1], False)]
     assert out.scheduled[0].token_ids == prompt[:6]
     assert "p" not in s.requests
     assert s.children == {"p": ["p/0", "p/1", "p/2"]}
@@ -136,21 +136,21 @@ def test_parallel_sampling_forks_after_prefill_of_all_but_last_token():
     out = s.schedule()
     assert out.forgotten_request_ids == ["p"]
     assert out.blocks_to_copy == [(1, 2), (1, 3)]
-    assert brief(out) == [("p/0", 6, 0, [0, 2], [10], True),
-                          ("p/1", 6, 0, [0, 3], [14], True),
-                          ("p/2", 6, 0, [0, 1], [6], True)]
+    assert brief(out) == [("p/0", 6, 0, [0, 2], True),
+                          ("p/1", 6, 0, [0, 3], True),
+                          ("p/2", 6, 0, [0, 1], True)]
     assert all(item.token_ids == [11] for item in out.scheduled)
     assert [item.new_request.sampling_params.seed for item in out.scheduled] == [10, 11, 12]
     assert s.kv.pool.ref_counts[:4] == [3, 1, 1, 1]
     s.update(out, {"p/0": 1, "p/1": 2, "p/2": 3})
 
     out = step(s)
-    assert brief(out) == [("p/0", 7, 2, [], [11], True), ("p/1", 7, 2, [], [15], True),
-                          ("p/2", 7, 2, [], [7], True)]
+    assert brief(out) == [("p/0", 7, 2, [], True), ("p/1", 7, 2, [], True),
+                          ("p/2", 7, 2, [], True)]
     assert out.blocks_to_copy == []
     out = step(s)
-    assert brief(out) == [("p/0", 8, 2, [4], [16], True), ("p/1", 8, 2, [5], [20], True),
-                          ("p/2", 8, 2, [6], [24], True)]
+    assert brief(out) == [("p/0", 8, 2, [4], True), ("p/1", 8, 2, [5], True),
+                          ("p/2", 8, 2, [6], True)]
     assert not s.has_unfinished()
     assert s.kv.num_free_blocks == 16
 
@@ -176,7 +176,7 @@ def test_parallel_sampling_single_token_prompt_forks_at_once():
     add(s, "p", [42], n=2, seed=3, max_tokens=1)
     assert [r.request_id for r in s.running] == ["p/0", "p/1"]
     out = step(s)
-    assert brief(out) == [("p/0", 0, 0, [0], [0], True), ("p/1", 0, 0, [1], [4], True)]
+    assert brief(out) == [("p/0", 0, 0, [0], True), ("p/1", 0, 0, [1], True)]
     assert not s.has_unfinished() and s.kv.num_free_blocks == 16
 
 
@@ -194,8 +194,8 @@ def test_fork_sequence_for_beam_search():
     out = s.schedule()
     # The parent runs first: it copies the shared partial block, the child then owns block 1.
     assert out.blocks_to_copy == [(1, 2)]
-    assert [(i.request_id, i.token_ids, i.table_start, i.table_blocks, i.slot_mapping)
-            for i in out.scheduled] == [("a", [7], 1, [2], [9]), ("a.1", [8], 0, [0, 1], [5])]
+    assert [(i.request_id, i.token_ids, i.start_position, i.table_start, i.table_blocks)
+            for i in out.scheduled] == [("a", [7], 5, 1, [2]), ("a.1", [8], 5, 0, [0, 1])]
     assert s.kv.pool.ref_counts[:3] == [2, 1, 1]
 
 
@@ -207,10 +207,10 @@ def two_requests(mode: str):
     s = make(gpu=4, cpu=cpu, caching=False, preemption_mode=mode)
     a = add(s, "A", [1, 2, 3, 4, 5, 6], t=0, max_tokens=4)
     b = add(s, "B", [11, 12, 13, 14, 15, 16], t=1, max_tokens=10)
-    assert brief(step(s, 21)) == [("A", 0, 0, [0, 1], [0, 1, 2, 3, 4, 5], True),
-                                  ("B", 0, 0, [2, 3], [8, 9, 10, 11, 12, 13], True)]
-    assert brief(step(s, 22)) == [("A", 6, 2, [], [6], True), ("B", 6, 2, [], [14], True)]
-    assert brief(step(s, 23)) == [("A", 7, 2, [], [7], True), ("B", 7, 2, [], [15], True)]
+    assert brief(step(s, 21)) == [("A", 0, 0, [0, 1], True),
+                                  ("B", 0, 0, [2, 3], True)]
+    assert brief(step(s, 22)) == [("A", 6, 2, [], True), ("B", 6, 2, [], True)]
+    assert brief(step(s, 23)) == [("A", 7, 2, [], True), ("B", 7, 2, [], True)]
     return s, a, b
 
 
@@ -219,7 +219,7 @@ def test_swap_round_trip_exact_pairs_and_kept_progress():
     out = s.schedule()  # A needs block 3 for position 8: B (newest) is swapped out
     assert out.blocks_to_swap_out == [(2, 0), (3, 1)]
     assert out.forgotten_request_ids == ["B"]
-    assert brief(out) == [("A", 8, 2, [3], [12], True)]
+    assert brief(out) == [("A", 8, 2, [3], True)]
     assert b.status is RequestStatus.SWAPPED and b.num_computed_tokens == 8
     assert s.kv.cpu_block_tables == {"B": [0, 1]} and list(s.swapped) == [b]
     assert b.num_preemptions == 1 and s.num_preemptions == 1
@@ -229,7 +229,7 @@ def test_swap_round_trip_exact_pairs_and_kept_progress():
     out = s.schedule()
     assert out.blocks_to_swap_in == [(0, 2), (1, 3)]
     assert out.forgotten_request_ids == ["A"]
-    assert brief(out) == [("B", 8, 0, [2, 3, 1], [4], True)]
+    assert brief(out) == [("B", 8, 0, [2, 3, 1], True)]
     assert out.scheduled[0].token_ids == [23]
     assert out.scheduled[0].new_request.output_token_ids == [21, 22, 23]
     assert b.status is RequestStatus.RUNNING and b.num_computed_tokens == 9
@@ -245,12 +245,12 @@ def test_recompute_preemption_exact_outputs():
     out = s.schedule()
     assert out.blocks_to_swap_out == []
     assert out.forgotten_request_ids == ["B"]
-    assert brief(out) == [("A", 8, 2, [3], [12], True)]
+    assert brief(out) == [("A", 8, 2, [3], True)]
     assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert list(s.waiting) == [b]
     s.update(out, {"A": 24})
     out = s.schedule()
-    assert brief(out) == [("B", 0, 0, [2, 3, 1], [8, 9, 10, 11, 12, 13, 14, 15, 4], True)]
+    assert brief(out) == [("B", 0, 0, [2, 3, 1], True)]
     assert out.scheduled[0].token_ids == [11, 12, 13, 14, 15, 16, 21, 22, 23]
 
 
@@ -278,7 +278,7 @@ def test_victim_is_newest_not_yet_scheduled_request():
     out = s.schedule()
     # X takes the last free block; Y needs one: Z (arrived last) is the victim; then W has no
     # room and is the only candidate left, so it preempts itself.
-    assert brief(out) == [("X", 4, 1, [4], [16], True), ("Y", 4, 1, [2], [8], True)]
+    assert brief(out) == [("X", 4, 1, [4], True), ("Y", 4, 1, [2], True)]
     assert out.forgotten_request_ids == ["Z", "W"]
     assert [r.request_id for r in s.waiting] == ["W", "Z"]
     assert s.num_preemptions == 2

@@ -36,7 +36,7 @@ def step(s: Scheduler):
 
 
 def brief(out):
-    return [(i.request_id, i.start_position, i.table_blocks, i.slot_mapping) for i in out.scheduled]
+    return [(i.request_id, i.start_position, i.table_blocks) for i in out.scheduled]
 
 
 def forked(kv: KVCacheManager, computed: list[int]) -> list[Request]:
@@ -127,13 +127,13 @@ def test_n2_request_is_swapped_out_and_in_as_one_family():
     assert s.kv.pool.ref_counts == [1, 1, 2, 1, 1] and s.kv.num_free_blocks == 0
     out = step(s)  # A needs a block: the newest, P's family, leaves whole
     assert out.blocks_to_swap_out == [(2, 0), (4, 1), (3, 2)]
-    assert brief(out) == [("A", 8, [4], [16])]
+    assert brief(out) == [("A", 8, [4])]
     assert s.kv.cpu_block_tables == {"P/0": [0, 1], "P/1": [0, 2]}
     assert s.kv.cpu_pool.ref_counts[:3] == [2, 1, 1] and s.kv.cpu_pool.num_free_blocks == 5
     assert [r.request_id for r in s.swapped] == ["P/0", "P/1"] and s.num_preemptions == 2
     out = step(s)  # A finished: the family comes back, block 2 shared again
     assert out.blocks_to_swap_in == [(0, 3), (1, 2), (2, 4)]
-    assert brief(out) == [("P/0", 7, [3, 2], [11]), ("P/1", 7, [3, 4], [19])]
+    assert brief(out) == [("P/0", 7, [3, 2]), ("P/1", 7, [3, 4])]
     assert s.kv.block_tables == {"P/0": [3, 2], "P/1": [3, 4]}
     assert s.kv.pool.ref_counts == [0, 0, 1, 2, 1] and s.kv.num_free_blocks == 2
     assert s.kv.cpu_pool.num_free_blocks == 8
@@ -147,7 +147,7 @@ def test_family_the_cpu_pool_cannot_hold_whole_has_only_its_victim_recomputed():
         step(s)
     out = step(s)  # P/1 keeps the shared block 2 and goes on
     assert out.blocks_to_swap_out == [] and out.forgotten_request_ids == ["P/0"]
-    assert brief(out) == [("A", 8, [4], [16]), ("P/1", 7, [], [15])]
+    assert brief(out) == [("A", 8, [4]), ("P/1", 7, [])]
     p0 = s.requests["P/0"]
     assert p0.status is RequestStatus.PREEMPTED and p0.num_computed_tokens == 0
     assert list(s.waiting) == [p0] and not s.swapped
@@ -162,7 +162,7 @@ def test_sibling_sharing_blocks_with_one_scheduled_this_step_is_recomputed():
         step(s)
     assert s.kv.block_tables == {"P/0": [0, 2], "P/1": [0, 1]}
     out = step(s)  # P/0 takes the last block; P/1 needs one and shares block 0 with P/0
-    assert out.blocks_to_swap_out == [] and brief(out) == [("P/0", 8, [3], [12])]
+    assert out.blocks_to_swap_out == [] and brief(out) == [("P/0", 8, [3])]
     p1 = s.requests["P/1"]
     assert p1.status is RequestStatus.PREEMPTED and p1.num_computed_tokens == 0
     assert s.kv.block_tables == {"P/0": [0, 2, 3]} and s.kv.pool.ref_counts == [1, 0, 1, 1]
@@ -178,7 +178,7 @@ def test_family_that_filled_the_cache_comes_back_one_sequence_at_a_time():
     assert out.blocks_to_swap_out == [(0, 0), (2, 1), (1, 2)] and out.scheduled == []
     out = step(s)  # three blocks plus P/0's next never fit together: P/0 returns alone
     assert out.blocks_to_swap_in == [(0, 2), (1, 1)]
-    assert brief(out) == [("P/0", 8, [2, 1, 0], [0])]
+    assert brief(out) == [("P/0", 8, [2, 1, 0])]
     assert s.kv.cpu_block_tables == {"P/1": [0, 2]} and s.kv.cpu_pool.ref_counts[:3] == [1, 0, 1]
     while "P/0" in s.requests:
         step(s)
