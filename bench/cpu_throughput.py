@@ -135,12 +135,10 @@ class TransformersPeer:
 def workload_flops(config, prompt_lens: list[int], output_len: int) -> dict[str, float]:
     """Floating-point operations of one round: linear layers, LM head and attention (a
     multiply-add counts two). A sequence's last sampled token is never fed back."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    hidden, layers, heads = config.hidden_size, config.num_hidden_layers, \
+        config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    per_token_linear = layers * (hidden * (heads + 2 * kv_heads) * head_dim
-                                 + heads * head_dim * hidden
-                                 + 3 * hidden * config.intermediate_size)
+    per_token_linear = layers * sum(out * in_ for out, in_ in layer_shapes(config))
     forwarded = sum(prompt_lens) + len(prompt_lens) * (output_len - 1)
     contexts = sum(sum(range(1, length + output_len)) for length in prompt_lens)
     return {
@@ -152,11 +150,8 @@ def workload_flops(config, prompt_lens: list[int], output_len: int) -> dict[str,
 
 def weight_bytes(config, dtype: torch.dtype) -> int:
     """Bytes of the weights one decode step reads (layers, final norm, LM head)."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    per_layer = (hidden * (heads + 2 * config.num_key_value_heads) * head_dim
-                 + heads * head_dim * hidden + 3 * hidden * config.intermediate_size
-                 + 2 * hidden)
+    hidden = config.hidden_size
+    per_layer = sum(out * in_ for out, in_ in layer_shapes(config)) + 2 * hidden  # + 2 norms
     elements = config.num_hidden_layers * per_layer + hidden + config.vocab_size * hidden
     return elements * torch.empty((), dtype=dtype).element_size()
 

@@ -25,8 +25,6 @@ class BlockTableRows:
         self.table = torch.zeros(max(initial_rows, 1), max(max_blocks_per_seq, 1),
                                  dtype=torch.int32, device=device)
         self.row_of: dict[str, int] = {}
-        self.lengths: dict[str, int] = {}
-        """Request id -> its table's current length (blocks)."""
         self._free_rows: list[int] = []
         self._next_row = 0
 
@@ -37,7 +35,6 @@ class BlockTableRows:
             row = self.row_of.pop(request_id, None)
             if row is not None:
                 self._free_rows.append(row)
-                del self.lengths[request_id]
         rows: list[int] = []
         columns: list[int] = []
         blocks: list[int] = []
@@ -46,11 +43,9 @@ class BlockTableRows:
             row = self.row_of.get(request_id)
             if row is None:
                 row = self.row_of[request_id] = self._take_row()
-            length = item.table_start + len(item.table_blocks)
-            self.lengths[request_id] = length
             if item.table_blocks:
                 rows += [row] * len(item.table_blocks)
-                columns += range(item.table_start, length)
+                columns += range(item.table_start, item.table_start + len(item.table_blocks))
                 blocks += item.table_blocks
         if not blocks:
             return

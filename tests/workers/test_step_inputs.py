@@ -32,11 +32,11 @@ def test_rows_take_deltas_reuse_freed_rows_and_grow_keeping_entries():
     rows.table.fill_(-7)  # poison: every entry read below must have been written
     rows.apply(SchedulerOutput(scheduled=[item("a", [1] * 5, 0, 0, [4, 9], new=True),
                                           item("b", [2], 0, 0, [3], new=True)]))
-    assert rows.row_of == {"a": 0, "b": 1} and rows.lengths == {"a": 2, "b": 1}
+    assert rows.row_of == {"a": 0, "b": 1}
     assert rows.table[:2, :2].tolist() == [[4, 9], [3, -7]]
     # "a" rewrites its second block (copy-on-write) and adds a third; "b" adds none.
     rows.apply(SchedulerOutput(scheduled=[item("a", [1], 5, 1, [6, 8]), item("b", [2], 1, 1, [])]))
-    assert rows.table[0].tolist() == [4, 6, 8] and rows.lengths == {"a": 3, "b": 1}
+    assert rows.table[0].tolist() == [4, 6, 8] and rows.table[1, 0] == 3
     rows.apply(SchedulerOutput(forgotten_request_ids=["a", "never-seen"],
                                scheduled=[item("c", [3] * 2, 0, 0, [5], new=True),
                                           item("d", [4] * 9, 0, 0, [1, 2, 7, 0], new=True)]))
